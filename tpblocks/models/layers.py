@@ -1,0 +1,161 @@
+"""Building blocks of a Llama decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU, the classic layer.
+
+Shape legend: b batch, s sequence (new tokens), t total positions in the KV cache, h hidden, n heads,
+k KV heads, e head dim, f FFN intermediate size.
+
+A classic layer is the dense decoder layer of the Llama baseline and of block mixing (report §4.3). Its
+two row-parallel outputs (attention ``wo`` and FFN ``w_down``) go through ``comm.tp_reduce``: identity in
+one process, an all-reduce when ``tpblocks.parallel`` shards the layer Megatron-style.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .comm import Communicator
+from .kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 and cast back, as Hugging Face Llama does (needed for bit-level parity)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotate-half RoPE (the Hugging Face Llama layout, so checkpoints convert without permuting q/k)."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        pos = torch.arange(max_seq_len, dtype=torch.float32)
+        freqs = torch.outer(pos, inv_freq)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        # Not persistent: derived from the config, so checkpoints stay small and dtype casts don't round it.
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+        self.max_seq_len = max_seq_len
+
+    def forward(self, x_bnse: torch.Tensor, start_pos: int) -> torch.Tensor:
+        s = x_bnse.shape[-2]
+        if start_pos + s > self.max_seq_len:
+            raise ValueError(
+                f"sequence position {start_pos + s} exceeds max_seq_len={self.max_seq_len}; "
+                f"raise model.max_seq_len or shorten the input"
+            )
+        cos = self.cos[start_pos : start_pos + s].to(x_bnse.dtype)
+        sin = self.sin[start_pos : start_pos + s].to(x_bnse.dtype)
+        return x_bnse * cos + _rotate_half(x_bnse) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def attend(
+    q_bnse: torch.Tensor,
+    k_bkse: torch.Tensor,
+    v_bkse: torch.Tensor,
+    cache: KVCache | None,
+    cache_slot: int,
+) -> torch.Tensor:
+    """Causal grouped-query attention over the new keys, or over the KV cache when one is given.
+
+    With a cache the new k/v are written at the cache's current position and attention runs over all cached
+    positions; queries are offset so that position p attends to positions <= p.
+    """
+    s = q_bnse.shape[-2]
+    start = 0
+    if cache is not None:
+        start = cache.pos
+        k_bkse, v_bkse = cache.update(cache_slot, k_bkse, v_bkse)
+    t = k_bkse.shape[-2]
+    gqa = q_bnse.shape[1] != k_bkse.shape[1]
+    if start == 0:
+        return F.scaled_dot_product_attention(q_bnse, k_bkse, v_bkse, is_causal=s > 1, enable_gqa=gqa)
+    if s == 1:  # one decode token sees the whole cache: no mask needed
+        return F.scaled_dot_product_attention(q_bnse, k_bkse, v_bkse, enable_gqa=gqa)
+    q_pos = torch.arange(start, start + s, device=q_bnse.device)
+    mask_st = q_pos[:, None] >= torch.arange(t, device=q_bnse.device)[None, :]
+    return F.scaled_dot_product_attention(q_bnse, k_bkse, v_bkse, attn_mask=mask_st, enable_gqa=gqa)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE. Under tensor parallelism this module holds n/tp heads."""
+
+    def __init__(self, hidden: int, n_heads: int, n_kv_heads: int, rope: RotaryEmbedding):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
+        self.head_dim = hidden // n_heads
+        self.wq = nn.Linear(hidden, n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(hidden, n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(hidden, n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * self.head_dim, hidden, bias=False)
+        self.rope = rope
+        self.cache_slot = -1  # set by the model: index of this layer's entry in a KVCache
+
+    def forward(self, x_bsh: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        b, s, _ = x_bsh.shape
+        start = cache.pos if cache is not None else 0
+        # Head counts are read from the weights so a tensor-parallel shard (fewer heads) runs the same code.
+        q = self.wq(x_bsh).view(b, s, -1, self.head_dim).transpose(1, 2)
+        k = self.wk(x_bsh).view(b, s, -1, self.head_dim).transpose(1, 2)
+        v = self.wv(x_bsh).view(b, s, -1, self.head_dim).transpose(1, 2)
+        q, k = self.rope(q, start), self.rope(k, start)
+        o_bnse = attend(q, k, v, cache, self.cache_slot)
+        return self.wo(o_bnse.transpose(1, 2).reshape(b, s, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w_down(silu(w_gate x) * w_up x)."""
+
+    def __init__(self, hidden: int, ffn_hidden: int):
+        super().__init__()
+        self.w_gate = nn.Linear(hidden, ffn_hidden, bias=False)
+        self.w_up = nn.Linear(hidden, ffn_hidden, bias=False)
+        self.w_down = nn.Linear(ffn_hidden, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm Llama decoder layer. Two communication points per layer under tensor parallelism."""
+
+    def __init__(self, hidden: int, n_heads: int, n_kv_heads: int, ffn_hidden: int, eps: float, rope: RotaryEmbedding):
+        super().__init__()
+        self.attn_norm = RMSNorm(hidden, eps)
+        self.attn = Attention(hidden, n_heads, n_kv_heads, rope)
+        self.ffn_norm = RMSNorm(hidden, eps)
+        self.ffn = FeedForward(hidden, ffn_hidden)
+
+    def forward(self, x_bsh: torch.Tensor, comm: Communicator, cache: KVCache | None = None) -> torch.Tensor:
+        x_bsh = x_bsh + comm.tp_reduce(self.attn(self.attn_norm(x_bsh), cache))  # sync 1
+        return x_bsh + comm.tp_reduce(self.ffn(self.ffn_norm(x_bsh)))  # sync 2
+
+
+def init_linear_(weight: torch.Tensor, std: float) -> None:
+    nn.init.normal_(weight, mean=0.0, std=std)
+
+
+def residual_std(init_std: float, n_residual_writes: int) -> float:
+    """GPT-2 scaled init for projections that write into the residual stream."""
+    return init_std / math.sqrt(max(1, n_residual_writes))

@@ -1,0 +1,97 @@
+"""The language model: embedding -> stages -> final norm -> head (tied to the embedding by default).
+
+Stages are the sequential units of the model:
+  arch="llama"      n_layers classic DecoderLayers (the Llama-2/3 baseline)
+  arch="tp_blocks"  tp_block_repetition x (TPBlock + n_classic_layers DecoderLayers)   (block mixing, §4.3)
+
+The model is pure PyTorch. Its communication points are calls on ``self.comm`` (a ``Communicator``);
+``tpblocks.parallel`` swaps in a distributed communicator and shards weights from outside.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .comm import Communicator, LocalComm
+from .config import ModelConfig
+from .kv_cache import KVCache
+from .layers import DecoderLayer, RMSNorm, RotaryEmbedding, residual_std
+from .tp_block import TPBlock
+
+
+class TransformerLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, comm: Communicator | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.comm = comm if comm is not None else LocalComm()
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.stages = nn.ModuleList(self._build_stages(cfg))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.output = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self._assign_cache_slots()
+        self.reset_parameters()
+
+    def _classic_layer(self, cfg: ModelConfig) -> DecoderLayer:
+        return DecoderLayer(cfg.hidden_size, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_hidden, cfg.norm_eps, self.rope)
+
+    def _build_stages(self, cfg: ModelConfig) -> list[nn.Module]:
+        if cfg.arch == "llama":
+            return [self._classic_layer(cfg) for _ in range(cfg.n_layers)]
+        lane_rope = self.rope
+        if cfg.lane_head_dim != cfg.head_dim:
+            lane_rope = RotaryEmbedding(cfg.lane_head_dim, cfg.max_seq_len, cfg.rope_theta)
+        stages: list[nn.Module] = []
+        for _ in range(cfg.tp_block_repetition):
+            stages.append(TPBlock(cfg, lane_rope))
+            stages.extend(self._classic_layer(cfg) for _ in range(cfg.n_classic_layers))
+        return stages
+
+    def _assign_cache_slots(self) -> None:
+        slot = 0
+        for module in self.modules():
+            if hasattr(module, "cache_slot"):
+                module.cache_slot = slot
+                slot += 1
+        self.n_cache_slots = slot
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        out_std = residual_std(std, 2 * self.cfg.n_decoder_layers)
+        for name, p in self.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if p.dim() == 1 or leaf in ("attn_norm", "ffn_norm"):
+                nn.init.ones_(p)
+            elif leaf == "gate":
+                nn.init.zeros_(p)  # delayed-comm reception gates start closed (delayed.py)
+            elif leaf in ("wo", "w_down") or name.endswith(("wo.weight", "w_down.weight")):
+                nn.init.normal_(p, 0.0, out_std)
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, tokens_bs: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (b, s, vocab). With a cache, ``tokens_bs`` are the next s tokens after ``cache.pos``."""
+        x_bsh = self.tok_embeddings(tokens_bs)
+        for stage in self.stages:
+            x_bsh = stage(x_bsh, self.comm, cache)
+        logits = self.output(self.norm(x_bsh))
+        if cache is not None:
+            cache.advance(tokens_bs.shape[1])
+        return logits
+
+    def new_cache(self, max_seq_len: int | None = None) -> KVCache:
+        return KVCache(self.n_cache_slots, max_seq_len or self.cfg.max_seq_len)
+
+    def num_parameters(self) -> int:
+        """Parameters held by this process, embeddings included, tied weights counted once."""
+        return sum(p.numel() for p in self.parameters())
+
+
+def build_model(cfg: ModelConfig, comm: Communicator | None = None) -> TransformerLM:
+    return TransformerLM(cfg, comm)

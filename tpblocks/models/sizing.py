@@ -1,0 +1,115 @@
+"""Parameter counting and budget matching (report §6.1: "adapt the hidden size to achieve a similar total
+number of parameters, embedding included").
+
+``count_parameters`` is analytic (no weights allocated, so a 1.5B config costs nothing) and is tested to
+equal ``sum(p.numel())`` of the built model. ``solve_hidden_size`` picks the valid hidden size whose count
+is closest to a budget and fails loudly when none lands within the tolerance.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .config import ModelConfig
+
+
+def _attention_params(width: int, n_heads: int, n_kv_heads: int) -> int:
+    e = width // n_heads
+    return 2 * width * n_heads * e + 2 * width * n_kv_heads * e
+
+
+def classic_layer_params(cfg: ModelConfig) -> int:
+    h = cfg.hidden_size
+    return _attention_params(h, cfg.n_heads, cfg.n_kv_heads) + 3 * h * cfg.ffn_hidden + 2 * h
+
+
+def lane_layer_params(cfg: ModelConfig) -> int:
+    """One lane's layer: SwiGLU with the down-projection truncated to h/L for Burger (Table 3)."""
+    d, f = cfg.lane_hidden_size, cfg.lane_ffn_hidden
+    return _attention_params(d, cfg.lane_heads, cfg.lane_kv_heads) + 2 * d * f + f * cfg.lane_out_size + 2 * d
+
+
+def count_parameters(cfg: ModelConfig) -> dict[str, int]:
+    """Parameter count by part; ``total`` includes embeddings (and the head when untied)."""
+    h = cfg.hidden_size
+    parts = {"embedding": cfg.vocab_size * h, "head": 0 if cfg.tie_embeddings else cfg.vocab_size * h, "norm": h}
+    if cfg.arch == "llama":
+        parts["classic_layers"] = cfg.n_layers * classic_layer_params(cfg)
+    else:
+        reps = cfg.tp_block_repetition
+        parts["lane_layers"] = reps * cfg.lane_count * cfg.lane_depth * lane_layer_params(cfg)
+        parts["classic_layers"] = reps * cfg.n_classic_layers * classic_layer_params(cfg)
+        gated = cfg.comm_reception == "gated"
+        parts["reception"] = reps * len(cfg.delayed_sends) * cfg.lane_count * cfg.lane_hidden_size if gated else 0
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def total_parameters(cfg: ModelConfig) -> int:
+    return count_parameters(cfg)["total"]
+
+
+def hidden_size_step(cfg: ModelConfig) -> int:
+    """Smallest granularity of hidden sizes that keeps every head dim even and every split exact."""
+    step = 2 * cfg.n_heads
+    if cfg.arch == "tp_blocks":
+        lane_unit = 2 * cfg.lane_heads * (cfg.lane_count if cfg.recipe == "sandwich" else 1)
+        step = math.lcm(step, lane_unit, cfg.lane_count)
+    return step
+
+
+def _ffn_unit_params(cfg: ModelConfig) -> int:
+    """Parameters added by one more unit of intermediate size (lane FFNs for TP blocks, classic for Llama)."""
+    if cfg.arch == "llama":
+        return cfg.n_layers * 3 * cfg.hidden_size
+    per_lane = 2 * cfg.lane_hidden_size + cfg.lane_out_size
+    return cfg.tp_block_repetition * cfg.lane_count * cfg.lane_depth * per_lane
+
+
+def _close_gap_with_ffn(cfg: ModelConfig, budget: int) -> ModelConfig:
+    """Grow the intermediate size of ``cfg`` (which is under budget) until the count is nearest ``budget``."""
+    extra = round((budget - total_parameters(cfg)) / _ffn_unit_params(cfg))
+    if cfg.arch == "llama":
+        return cfg.replace(ffn_hidden_size=cfg.ffn_hidden + extra)
+    return cfg.replace(lane_ffn_hidden_size=cfg.lane_ffn_hidden + extra)
+
+
+def solve_hidden_size(cfg: ModelConfig, budget: int, tolerance: float = 0.01, adjust_ffn: bool = True) -> ModelConfig:
+    """Return ``cfg`` with the hidden size whose total parameter count is nearest ``budget``.
+
+    Counts grow monotonically with the hidden size, so a bisection over multiples of ``hidden_size_step``
+    finds the bracket; the nearer side wins. Wide lanes (e.g. 16 Burger lanes) make that grid coarse: when
+    the nearest hidden size misses ``tolerance`` and ``adjust_ffn`` is set, the smaller hidden size is kept and
+    the intermediate size (lane FFNs, or the classic FFN for Llama) grows to close the gap, which changes the
+    FFN ratio by a few percent at most. Raises ``ValueError`` when nothing lands within tolerance (e.g. a
+    budget smaller than the embeddings alone).
+    """
+    if budget <= 0:
+        raise ValueError(f"budget={budget} must be positive")
+    step = hidden_size_step(cfg)
+    reset = dict(ffn_hidden_size=None, lane_ffn_hidden_size=None)
+
+    def at(k: int) -> ModelConfig:
+        return cfg.replace(hidden_size=k * step, **reset)
+
+    def count(k: int) -> int:
+        return total_parameters(at(k))
+
+    lo, hi = 1, 2
+    while count(hi) < budget:
+        lo, hi = hi, hi * 2
+        if hi > 1 << 20:
+            raise ValueError(f"budget={budget:,} is beyond any hidden size this config can reach")
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if count(mid) < budget else (lo, mid)
+    best = at(min((lo, hi), key=lambda k: abs(count(k) - budget)))
+    if abs(total_parameters(best) - budget) > tolerance * budget and adjust_ffn and count(lo) < budget:
+        best = _close_gap_with_ffn(at(lo), budget)
+    found = total_parameters(best)
+    if abs(found - budget) > tolerance * budget:
+        raise ValueError(
+            f"no hidden size brings this config within {tolerance:.1%} of {budget:,} parameters "
+            f"(nearest: hidden_size={best.hidden_size} with {found:,}); change depth, lane count or vocabulary"
+        )
+    return best
