@@ -109,11 +109,11 @@ class ModelConfig:
             _require(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be >= 1")
         _require(self.n_classic_layers >= 0, f"n_classic_layers={self.n_classic_layers} must be >= 0")
         _require(self.lane_ffn_factor > 0, f"lane_ffn_factor={self.lane_ffn_factor} must be > 0")
+        why = "Sandwich lanes get h/L features" if self.recipe == "sandwich" else "Burger lane l writes slice l of h/L"
         _require(
             self.hidden_size % self.lane_count == 0,
-            f"lane_count={self.lane_count} must divide hidden_size={self.hidden_size}: "
-            f"{'Sandwich lanes get h/L features' if self.recipe == 'sandwich' else 'Burger lane l writes slice l of h/L'}"
-            f"; use a hidden_size that is a multiple of {self.lane_count}",
+            f"lane_count={self.lane_count} must divide hidden_size={self.hidden_size} ({why}); "
+            f"use a hidden_size that is a multiple of {self.lane_count}",
         )
         self._check_heads(
             "lane", self.lane_hidden_size, self.lane_heads, self.lane_kv_heads, "lane_n_heads", "lane_n_kv_heads"

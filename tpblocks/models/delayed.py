@@ -35,7 +35,9 @@ class Reception(nn.Module):
         else:
             self.register_parameter("gate", None)
 
-    def forward(self, x_lbsd: torch.Tensor, total_bsd: torch.Tensor, sent_lbsd: torch.Tensor, point: int) -> torch.Tensor:
+    def forward(
+        self, x_lbsd: torch.Tensor, total_bsd: torch.Tensor, sent_lbsd: torch.Tensor, point: int
+    ) -> torch.Tensor:
         others = total_bsd.unsqueeze(0) - sent_lbsd  # sum over lanes j != i, for each local lane i
         if self.mode == "sum":
             return x_lbsd + others
