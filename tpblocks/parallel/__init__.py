@@ -1,0 +1,30 @@
+"""Distributed placement: data-parallel x lane-parallel mesh, a torch.distributed communicator, sharding.
+
+    dims = ParallelDims(dp=-1, lane=2)            # validated against the world size
+    mesh = dims.build_mesh("cpu")                 # DeviceMesh, dims ("dp", "lane")
+    comm = MeshComm(mesh)                         # collectives over the lane group
+    model = shard_model(build_model(cfg), comm)   # this rank's lanes / Megatron shards; model.comm = comm
+
+The model code (``tpblocks.models``) never imports torch.distributed: everything here is applied from outside.
+"""
+
+from .audit import CollectiveAudit
+from .comm import MeshComm
+from .dims import ParallelDims, check_lane_degree
+from .dist import all_reduce_gradients, destroy_distributed, init_distributed, local_device
+from .placement import kv_heads_for_rank, local_slice, shard_model, unshard_state_dict
+
+__all__ = [
+    "CollectiveAudit",
+    "MeshComm",
+    "ParallelDims",
+    "all_reduce_gradients",
+    "check_lane_degree",
+    "destroy_distributed",
+    "init_distributed",
+    "kv_heads_for_rank",
+    "local_device",
+    "local_slice",
+    "shard_model",
+    "unshard_state_dict",
+]

@@ -1,0 +1,179 @@
+"""``MeshComm``: the model's communication points as autograd-aware ``torch.distributed`` collectives.
+
+The model calls ``comm.tp_reduce`` / ``lane_gather`` / ``lane_sum_start`` (``tpblocks.models.comm``); the base
+class counts each call, this subclass runs it over the lane group of the device mesh. Forward and backward
+of each collective are a conjugate pair (Megatron's f/g):
+
+  call / hook        forward                                  backward
+  tp_reduce    (g)   all-reduce the row-parallel partial sums  identity (the output is replicated)
+  tp_enter     (f)   identity (the input is replicated)        all-reduce: each rank saw only its shards' share
+  lane_gather        all-gather the ranks' merged slices       keep this rank's slice of the gradient
+  lane_sum_start     async all-reduce of this rank's lane sum  all-reduce: every rank's reception used the total
+
+``tp_enter`` is not a model call: ``tpblocks.parallel.placement`` applies it from outside, as a forward
+pre-hook on every TP block and on the attention/FFN of every sharded classic layer.
+
+Collectives are looked up as ``torch.distributed.<name>`` at call time (never bound at import) so
+``tpblocks.parallel.audit.CollectiveAudit`` can count what really reaches the backend and tests can check
+that ``comm.counter`` is honest. Backward collectives are counted in ``comm.backward_counter``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ..models.comm import Communicator, PendingSum, SyncCounter
+
+
+class _ReduceFromLanes(torch.autograd.Function):
+    """g: all-reduce forward, identity backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, comm: MeshComm) -> torch.Tensor:
+        y = x.contiguous().clone()
+        dist.all_reduce(y, group=comm.group)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+class _CopyToLanes(torch.autograd.Function):
+    """f: identity forward, all-reduce backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, comm: MeshComm) -> torch.Tensor:
+        ctx.comm = comm
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        comm: MeshComm = ctx.comm
+        comm.backward_counter.add("tp_enter", blocking=True)
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=comm.group)
+        return grad, None
+
+
+class _GatherLastDim(torch.autograd.Function):
+    """All-gather along the last dim (ranks in order); backward keeps this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, comm: MeshComm) -> torch.Tensor:
+        ctx.comm = comm
+        ctx.width = x.shape[-1]
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(comm.lane_world)]
+        dist.all_gather(parts, x, group=comm.group)
+        return torch.cat(parts, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        comm: MeshComm = ctx.comm
+        start = comm.lane_rank * ctx.width
+        return grad[..., start : start + ctx.width].contiguous(), None
+
+
+class _AsyncSum(torch.autograd.Function):
+    """Starts an async all-reduce; the returned buffer is valid once ``work`` (stored in ``box``) completes.
+
+    Gradient: the total is used by every rank, so d loss / d (this rank's part) is the sum of every rank's
+    gradient of the total, an all-reduce.
+    """
+
+    @staticmethod
+    def forward(ctx, local_bsd: torch.Tensor, comm: MeshComm, box: list) -> torch.Tensor:
+        ctx.comm = comm
+        total_bsd = local_bsd.contiguous().clone()
+        box.append(dist.all_reduce(total_bsd, group=comm.group, async_op=True))
+        return total_bsd
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        comm: MeshComm = ctx.comm
+        comm.backward_counter.add("lane_sum", blocking=True)
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=comm.group)
+        return grad, None, None
+
+
+class PendingAllReduce(PendingSum):
+    """Handle of an in-flight lane sum: ``wait()`` blocks on the collective and returns the total (b, s, d)."""
+
+    def __init__(self, total_bsd: torch.Tensor, work):
+        super().__init__(total_bsd)
+        self._work = work
+
+    def wait(self) -> torch.Tensor:
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+        return self._value
+
+
+class MeshComm(Communicator):
+    """Communicator over the lane (= tensor-parallel) group of a device mesh.
+
+    ``mesh_or_group`` is a ``DeviceMesh`` with a ``"lane"`` dim (``ParallelDims.build_mesh``), a
+    ``ProcessGroup`` of the lane group, or ``None`` for the default group (every rank in one lane group).
+    ``enabled=False`` (set on the instance) keeps every call local: the no-communication ceiling.
+    """
+
+    def __init__(self, mesh_or_group=None, dim: str = "lane"):
+        super().__init__()
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(
+                "MeshComm needs torch.distributed initialised; call tpblocks.parallel.init_distributed() first "
+                "(for one process use tpblocks.models.comm.LocalComm)"
+            )
+        group = mesh_or_group
+        if hasattr(mesh_or_group, "get_group"):  # a DeviceMesh
+            names = mesh_or_group.mesh_dim_names or ()
+            if dim not in names:
+                raise ValueError(f"the device mesh has dims {names}; MeshComm needs a {dim!r} dim")
+            group = mesh_or_group.get_group(dim)
+        self.group = group if group is not None else dist.group.WORLD
+        rank = dist.get_rank(self.group)
+        world = dist.get_world_size(self.group)
+        # One axis for both: a rank's lanes and its classic-layer shards have the same index.
+        self.lane_rank = self.tp_rank = rank
+        self.lane_world = self.tp_world = world
+        self.backward_counter = SyncCounter()
+
+    @property
+    def distributed(self) -> bool:
+        """True when calls really cross processes (more than one rank in the group and communication on)."""
+        return self.enabled and self.lane_world > 1
+
+    # ------------------------------------------------------------------ hook applied by placement (f)
+    def tp_enter(self, x: torch.Tensor) -> torch.Tensor:
+        """Identity forward; all-reduce of the gradient in backward. Not a forward sync, so not counted there."""
+        if not self.distributed or not torch.is_grad_enabled() or not x.requires_grad:
+            return x
+        return _CopyToLanes.apply(x, self)
+
+    # ------------------------------------------------------------------ Communicator implementation
+    def _tp_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lane_world == 1:
+            return x
+        return _ReduceFromLanes.apply(x, self)
+
+    def _lane_gather(self, x_bsf: torch.Tensor) -> torch.Tensor:
+        if self.lane_world == 1:
+            return x_bsf
+        return _GatherLastDim.apply(x_bsf, self)
+
+    def _lane_sum_start(self, x_lbsd: torch.Tensor) -> PendingSum:
+        local_bsd = x_lbsd.sum(0)
+        if self.lane_world == 1:
+            return PendingSum(local_bsd)
+        box: list = []
+        total_bsd = _AsyncSum.apply(local_bsd, self, box)
+        return PendingAllReduce(total_bsd, box[0])
+
+    def _vocab_gather(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.lane_world == 1:
+            return logits
+        return _GatherLastDim.apply(logits, self)

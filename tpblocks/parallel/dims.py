@@ -1,0 +1,131 @@
+"""Parallel degrees and the named device mesh (data parallel x lane parallel).
+
+A run on ``world_size`` ranks is a 2-D grid ``(dp, lane)``. The ``lane`` axis is the inner one, so the ranks of
+one lane group are consecutive (on one node, behind NVLink on a GPU server): they hold the lanes of every TP
+block and, Megatron-style, the shards of every classic layer. The ``lane`` axis is therefore also the
+tensor-parallel axis. The ``dp`` axis replicates that group; each dp rank reads different data.
+
+Every inconsistency is reported at start-up as a ``ValueError`` that names the field and the fix, e.g.
+``"lane_count=6 is not a multiple of the lane degree 4"``, instead of a shape error deep inside a matmul.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..models.config import ModelConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelDims:
+    """Degrees of parallelism. ``dp=-1`` means "whatever is left": ``world_size // lane``.
+
+    ``world_size`` defaults to the size of the initialised default process group, or 1 without one.
+    """
+
+    dp: int = 1
+    lane: int = 1
+    world_size: int | None = None
+
+    def __post_init__(self) -> None:
+        world = self.world_size
+        if world is None:
+            world = _default_world_size()
+            object.__setattr__(self, "world_size", world)
+        if world < 1:
+            raise ValueError(f"world_size={world} must be >= 1")
+        if self.lane < 1:
+            raise ValueError(f"lane={self.lane} must be >= 1 (1 = every rank holds all lanes)")
+        if self.dp == -1:
+            if world % self.lane != 0:
+                raise ValueError(
+                    f"world_size={world} is not a multiple of the lane degree {self.lane}; "
+                    f"launch a multiple of {self.lane} ranks or change lane"
+                )
+            object.__setattr__(self, "dp", world // self.lane)
+        if self.dp < 1:
+            raise ValueError(f"dp={self.dp} must be >= 1, or -1 to use every rank left after the lane degree")
+        if self.dp * self.lane != world:
+            raise ValueError(
+                f"dp={self.dp} x lane={self.lane} = {self.dp * self.lane} ranks, but world_size={world}; "
+                f"set dp=-1 to infer it, or launch {self.dp * self.lane} ranks (torchrun --nproc_per_node)"
+            )
+
+    # ------------------------------------------------------------------ coordinates
+    @property
+    def lane_enabled(self) -> bool:
+        return self.lane > 1
+
+    @property
+    def dp_enabled(self) -> bool:
+        return self.dp > 1
+
+    def coords(self, rank: int) -> tuple[int, int]:
+        """(dp_rank, lane_rank) of a global rank: the lane axis varies fastest."""
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank={rank} is outside 0..{self.world_size - 1}")
+        return divmod(rank, self.lane)
+
+    def lane_group_ranks(self, dp_rank: int) -> list[int]:
+        """Global ranks of the lane group of data-parallel replica ``dp_rank``."""
+        return [dp_rank * self.lane + i for i in range(self.lane)]
+
+    def dp_group_ranks(self, lane_rank: int) -> list[int]:
+        """Global ranks that hold the same lanes (the ranks a data-parallel gradient all-reduce spans)."""
+        return [d * self.lane + lane_rank for d in range(self.dp)]
+
+    # ------------------------------------------------------------------ validation against a model
+    def check_model(self, cfg: ModelConfig) -> None:
+        """Raise ``ValueError`` if ``cfg`` cannot be placed on ``lane`` ranks (see ``tpblocks.parallel.placement``)."""
+        check_lane_degree(cfg, self.lane)
+
+    # ------------------------------------------------------------------ mesh
+    def build_mesh(self, device_type: str = "cpu"):
+        """A ``DeviceMesh`` of shape (dp, lane) with dims named ("dp", "lane"). Needs an initialised process group."""
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(
+                "build_mesh needs torch.distributed initialised; call tpblocks.parallel.init_distributed() first "
+                "(under torchrun) or use MeshComm only with world_size=1 models"
+            )
+        if dist.get_world_size() != self.world_size:
+            raise ValueError(
+                f"ParallelDims was built for world_size={self.world_size} but the process group has "
+                f"{dist.get_world_size()} ranks; rebuild it with world_size=None"
+            )
+        return init_device_mesh(device_type, (self.dp, self.lane), mesh_dim_names=("dp", "lane"))
+
+
+def check_lane_degree(cfg: ModelConfig, lane: int) -> None:
+    """Every constraint that sharding ``cfg`` over ``lane`` ranks imposes, with the fix in the message."""
+    if lane == 1:
+        return
+    if cfg.arch == "tp_blocks" and cfg.lane_count % lane != 0:
+        raise ValueError(
+            f"lane_count={cfg.lane_count} is not a multiple of the lane degree {lane}; every rank must hold the same "
+            f"number of lanes (report §4.1: lane_count = G x k). Use lane_count in "
+            f"{[lane * k for k in range(1, 5)]} or a lane degree that divides {cfg.lane_count}"
+        )
+    has_classic = cfg.arch == "llama" or cfg.n_classic_layers > 0
+    if not has_classic:
+        return
+    if cfg.n_heads % lane != 0:
+        raise ValueError(
+            f"n_heads={cfg.n_heads} is not a multiple of the lane degree {lane}: classic layers split their attention "
+            f"heads across the lane group (Megatron column split); use n_heads divisible by {lane}"
+        )
+    if cfg.ffn_hidden % lane != 0:
+        raise ValueError(
+            f"classic FFN size {cfg.ffn_hidden} is not a multiple of the lane degree {lane}: the FFN is column/row "
+            f"split across the lane group; set ffn_hidden_size to a multiple of {lane}"
+        )
+
+
+def _default_world_size() -> int:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1

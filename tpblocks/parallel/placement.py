@@ -1,0 +1,227 @@
+"""Placement: cut a full single-process model into this rank's share of a lane group (report Fig. 10, Table 2).
+
+``shard_model(model, comm)`` works from outside the pure model code:
+
+* TP blocks: the rank keeps lanes ``[r * L/G, (r + 1) * L/G)`` of every block, still stacked on the lane axis
+  (one bmm per sub-layer), and sets ``lane_offset`` on the block, its lane layers (Burger's own-slice write)
+  and slices the delayed-communication reception gates. No sync inside a lane: the block's merge
+  (``lane_gather``) and the delayed sums are the only collectives.
+* Classic decoder layers (the Llama baseline and block mixing): Megatron tensor parallelism. ``wq``/``wk``/
+  ``wv``/``w_gate``/``w_up`` are column-split (by heads), ``wo``/``w_down`` row-split; their partial outputs are
+  summed by the layer's two ``comm.tp_reduce`` calls. KV heads are split when ``n_kv_heads`` is a multiple of
+  G and otherwise replicated: each rank keeps the KV heads its query heads use (Table 2's ceil(n_kv / G)).
+  Replicated KV weights get a gradient hook that sums their gradient over the lane group (each rank only
+  back-propagated through its own query heads).
+* Embedding, final norm and head stay replicated.
+* Backward: ``comm.tp_enter`` (identity forward, all-reduce backward) is attached as a forward pre-hook to every
+  TP block and to the attention / FFN of every classic layer: their input is replicated but each rank only
+  back-propagates its own lanes / shards through it.
+
+Every sharded parameter records where it came from in ``model.shard_spec[name] = (dim, index)`` (indices into
+the full tensor along ``dim``), which tests use to compare gradients and ``unshard_state_dict`` uses to gather
+a full checkpoint back.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..models.comm import Communicator
+from ..models.layers import Attention, DecoderLayer, FeedForward
+from ..models.model import TransformerLM
+from ..models.tp_block import TPBlock
+from .dims import check_lane_degree
+
+ShardSpec = dict[str, tuple[int, torch.Tensor]]
+
+
+def _take(param: torch.Tensor, dim: int, index: torch.Tensor) -> nn.Parameter:
+    """A new parameter holding ``param[index]`` along ``dim`` (its own storage, so the full tensor can go)."""
+    return nn.Parameter(param.detach().index_select(dim, index).clone(), requires_grad=param.requires_grad)
+
+
+def _lane_index(lane_count: int, rank: int, world: int) -> torch.Tensor:
+    per_rank = lane_count // world
+    return torch.arange(rank * per_rank, (rank + 1) * per_rank)
+
+
+def kv_heads_for_rank(n_heads: int, n_kv_heads: int, rank: int, world: int) -> list[int]:
+    """Global KV-head index of every local KV head of ``rank``, chosen so local GQA grouping stays exact.
+
+    Query head i uses KV head ``i // (n_heads // n_kv_heads)``. A rank holds query heads
+    ``[r * n/G, (r + 1) * n/G)``; it keeps the distinct KV heads they use (``ceil(n_kv/G)`` of them when the
+    grouping lines up). If the local grouping would not map local query j to the right local KV head with
+    SDPA's ``j // (n_local / k_local)`` rule, one KV head copy per local query head is kept instead.
+    """
+    group = n_heads // n_kv_heads
+    n_local = n_heads // world
+    q_heads = range(rank * n_local, (rank + 1) * n_local)
+    needed = sorted({i // group for i in q_heads})
+    k_local = len(needed)
+    if n_local % k_local == 0:
+        per = n_local // k_local
+        if all(needed[j // per] == i // group for j, i in enumerate(q_heads)):
+            return needed
+    return [i // group for i in q_heads]
+
+
+def _head_rows(heads: list[int] | torch.Tensor, head_dim: int) -> torch.Tensor:
+    heads = torch.as_tensor(heads)
+    return (heads[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
+
+
+def _all_reduce_rows_hook(comm: Communicator, rows: torch.Tensor, full_rows: int):
+    """Gradient hook for a replicated-KV weight (out rows = ``rows`` of a ``full_rows`` matrix): sum over ranks."""
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        if not getattr(comm, "distributed", False):
+            return grad
+        full = grad.new_zeros(full_rows, grad.shape[1])
+        full.index_add_(0, rows, grad)
+        comm.backward_counter.add("kv_replica_grad", blocking=True)
+        dist.all_reduce(full, group=comm.group)
+        return full.index_select(0, rows)
+
+    return hook
+
+
+# ---------------------------------------------------------------------------------------------- sharding
+def _shard_tp_block(block: TPBlock, prefix: str, rank: int, world: int, spec: ShardSpec) -> None:
+    index = _lane_index(block.lane_count, rank, world)
+    offset = int(index[0])
+    block.lane_offset = offset
+    for i, layer in enumerate(block.layers):
+        layer.lane_offset = offset
+        for name, param in list(layer.named_parameters(recurse=False)):
+            setattr(layer, name, _take(param, 0, index))
+            spec[f"{prefix}.layers.{i}.{name}"] = (0, index)
+    if block.reception is not None and block.reception.gate is not None:
+        block.reception.gate = _take(block.reception.gate, 1, index)
+        spec[f"{prefix}.reception.gate"] = (1, index)
+
+
+def _set_linear(linear: nn.Linear, dim: int, index: torch.Tensor) -> None:
+    linear.weight = _take(linear.weight, dim, index)
+    linear.out_features, linear.in_features = linear.weight.shape
+
+
+def _shard_classic(layer: DecoderLayer, prefix: str, comm: Communicator, spec: ShardSpec) -> None:
+    rank, world = comm.tp_rank, comm.tp_world
+    attn: Attention = layer.attn
+    e = attn.head_dim
+    n, k = attn.n_heads, attn.n_kv_heads
+    n_local = n // world
+    q_rows = _head_rows(list(range(rank * n_local, (rank + 1) * n_local)), e)
+    kv_heads = kv_heads_for_rank(n, k, rank, world)
+    kv_rows = _head_rows(kv_heads, e)
+    for name, dim, index in (
+        ("wq", 0, q_rows),
+        ("wk", 0, kv_rows),
+        ("wv", 0, kv_rows),
+        ("wo", 1, q_rows),
+    ):
+        _set_linear(getattr(attn, name), dim, index)
+        spec[f"{prefix}.attn.{name}.weight"] = (dim, index)
+    attn.n_heads, attn.n_kv_heads = n_local, len(kv_heads)
+    if k % world != 0:  # replicated KV heads: their gradient is split over the ranks that share them
+        for name in ("wk", "wv"):
+            attn_param = getattr(attn, name).weight
+            attn_param.register_hook(_all_reduce_rows_hook(comm, kv_rows, k * e))
+    ffn: FeedForward = layer.ffn
+    f_local = ffn.w_gate.out_features // world
+    f_rows = torch.arange(rank * f_local, (rank + 1) * f_local)
+    for name, dim in (("w_gate", 0), ("w_up", 0), ("w_down", 1)):
+        _set_linear(getattr(ffn, name), dim, f_rows)
+        spec[f"{prefix}.ffn.{name}.weight"] = (dim, f_rows)
+
+
+def _tp_enter_hook(model_ref: weakref.ref):
+    """Forward pre-hook applying ``comm.tp_enter`` (f) to the first positional input of a module."""
+
+    def hook(module: nn.Module, args: tuple):
+        model = model_ref()
+        enter = getattr(model.comm, "tp_enter", None) if model is not None else None
+        if enter is None or not args:
+            return None
+        return (enter(args[0]), *args[1:])
+
+    return hook
+
+
+def shard_model(model: TransformerLM, comm: Communicator) -> TransformerLM:
+    """Keep this rank's lanes / shards of a full model (in place) and attach ``comm``. Returns the model.
+
+    Start from the *same* full weights on every rank of the lane group (same seed or the same checkpoint):
+    each rank slices its share, so the sharded forward equals the single-process one.
+    """
+    if getattr(model, "shard_spec", None) is not None:
+        raise ValueError("this model is already sharded; shard a fresh full model")
+    world, rank = comm.lane_world, comm.lane_rank
+    if comm.tp_world != world or comm.tp_rank != rank:
+        raise ValueError("tpblocks places classic-layer shards on the lane axis: comm.tp_* must equal comm.lane_*")
+    check_lane_degree(model.cfg, world)
+    spec: ShardSpec = {}
+    if world > 1:
+        model_ref = weakref.ref(model)
+        for i, stage in enumerate(model.stages):
+            prefix = f"stages.{i}"
+            if isinstance(stage, TPBlock):
+                _shard_tp_block(stage, prefix, rank, world, spec)
+                stage.register_forward_pre_hook(_tp_enter_hook(model_ref))
+            elif isinstance(stage, DecoderLayer):
+                _shard_classic(stage, prefix, comm, spec)
+                stage.attn.register_forward_pre_hook(_tp_enter_hook(model_ref))
+                stage.ffn.register_forward_pre_hook(_tp_enter_hook(model_ref))
+            else:  # pragma: no cover - the model only builds these two stage types
+                raise TypeError(f"cannot place stage {prefix} of type {type(stage).__name__}")
+    model.shard_spec = spec
+    model.comm = comm
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- gathering
+@torch.no_grad()
+def unshard_state_dict(model: TransformerLM) -> dict[str, torch.Tensor]:
+    """The full (single-process) state dict of a sharded model, on every rank (collective over the lane group).
+
+    Replicated parameters are taken as they are; sharded ones are all-gathered and put back at their indices.
+    """
+    spec: ShardSpec | None = getattr(model, "shard_spec", None)
+    if spec is None:
+        raise ValueError("unshard_state_dict needs a model returned by shard_model")
+    comm = model.comm
+    state = model.state_dict()
+    if not spec:
+        return {k: v.clone() for k, v in state.items()}
+    world = comm.lane_world
+    full: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        if name not in spec:
+            full[name] = tensor.clone()
+            continue
+        dim, index = spec[name]
+        parts = [torch.empty_like(tensor) for _ in range(world)]
+        index = index.to(tensor.device)
+        indices = [torch.empty_like(index) for _ in range(world)]
+        dist.all_gather(parts, tensor.contiguous(), group=comm.group)
+        dist.all_gather(indices, index.contiguous(), group=comm.group)
+        size = int(torch.cat(indices).max()) + 1
+        shape = list(tensor.shape)
+        shape[dim] = size
+        out = tensor.new_zeros(shape)
+        for part, idx in zip(parts, indices):
+            out.index_copy_(dim, idx, part)  # replicated KV rows are written twice with equal values
+        full[name] = out
+    return full
+
+
+def local_slice(full: torch.Tensor, spec: ShardSpec, name: str) -> torch.Tensor:
+    """This rank's share of a full tensor of parameter ``name`` (unchanged if it is replicated)."""
+    if name not in spec:
+        return full
+    dim, index = spec[name]
+    return full.index_select(dim, index)
