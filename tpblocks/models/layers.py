@@ -33,10 +33,9 @@ class RMSNorm(nn.Module):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    dtype = x.dtype
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(dtype)
+    # Normalise in fp32, cast back, then scale: Hugging Face's order. F.rms_norm is one fused op (2x faster on CPU
+    # than the spelled-out pow/mean/rsqrt/mul, fwd+bwd) with the same math.
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):
@@ -48,10 +47,13 @@ class RotaryEmbedding(nn.Module):
         pos = torch.arange(max_seq_len, dtype=torch.float32)
         freqs = torch.outer(pos, inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)
+        # rotate_half(x) * sin == roll(x, e/2) * [-sin, sin]: one roll instead of chunk + neg + cat (2x faster fwd+bwd).
+        sin_signed = torch.cat([-freqs.sin(), freqs.sin()], dim=-1)
         # Not persistent: derived from the config, so checkpoints stay small and dtype casts don't round it.
         self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        self.register_buffer("sin_signed", sin_signed, persistent=False)
         self.max_seq_len = max_seq_len
+        self.half = head_dim // 2
 
     def forward(self, x_bnse: torch.Tensor, start_pos: int) -> torch.Tensor:
         s = x_bnse.shape[-2]
@@ -61,13 +63,8 @@ class RotaryEmbedding(nn.Module):
                 f"raise model.max_seq_len or shorten the input"
             )
         cos = self.cos[start_pos : start_pos + s].to(x_bnse.dtype)
-        sin = self.sin[start_pos : start_pos + s].to(x_bnse.dtype)
-        return x_bnse * cos + _rotate_half(x_bnse) * sin
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
+        sin_signed = self.sin_signed[start_pos : start_pos + s].to(x_bnse.dtype)
+        return x_bnse * cos + x_bnse.roll(self.half, dims=-1) * sin_signed
 
 
 def attend(
