@@ -112,7 +112,8 @@ def _check_case(rank: int, label: str, flavor: str, overrides: dict, comm: MeshC
         expected = local_slice(full_params[name].grad, model.shard_spec, name)
         scale = expected.abs().max().item()
         assert scale > 0, f"{label}: {name} got no gradient in the reference; the test would be vacuous"
-        torch.testing.assert_close(p.grad, expected, rtol=RTOL, atol=ATOL * scale, msg=lambda m: f"{label} {name}: {m}")
+        msg = f"{label} gradient of {name}"
+        torch.testing.assert_close(p.grad, expected, rtol=RTOL, atol=ATOL * scale, msg=lambda m, w=msg: f"{w}: {m}")
         if name not in model.shard_spec:  # replicated: bit-identical on every lane rank
             assert _allclose_across_ranks(p.grad), f"{label}: replicated {name} has different grads per rank"
 
@@ -132,7 +133,8 @@ def _check_case(rank: int, label: str, flavor: str, overrides: dict, comm: MeshC
             with CollectiveAudit() as audit:
                 got = model(nxt, cache)
             want = full(nxt, ref_cache)
-            torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL, msg=lambda m: f"{label} decode {step}: {m}")
+            where = f"{label} decode step {step}"
+            torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL, msg=lambda m, w=where: f"{w}: {m}")
             assert comm.counter.blocking == syncs and audit.total == syncs + overlapped
             nxt = want[:, -1:].argmax(-1)
 
@@ -197,7 +199,7 @@ def _mesh_worker(rank: int, world: int, dp: int, lane: int) -> None:
     for name, p in model.named_parameters():
         expected = local_slice(full_params[name].grad, model.shard_spec, name)
         scale = expected.abs().max().item()
-        torch.testing.assert_close(p.grad, expected, rtol=RTOL, atol=ATOL * scale, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(p.grad, expected, rtol=RTOL, atol=ATOL * scale, msg=lambda m, n=name: f"{n}: {m}")
 
 
 @pytest.mark.timeout(180)
