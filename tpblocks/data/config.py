@@ -79,6 +79,15 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _require(self.source in SOURCES, f"data.source={self.source!r} is not one of {SOURCES}")
+        # "???" is OmegaConf's "mandatory, not given" marker (conf/data/fineweb_edu.yaml, local.yaml).
+        _require(
+            self.path != "???", f"data.source={self.source} needs data.path=/path/to/*.parquet (a file, dir or glob)"
+        )
+        _require(
+            self.tokenizer_path != "???",
+            f"data.source={self.source} needs data.tokenizer_path=/path/to/tokenizer.model (e.g. the Llama-2 "
+            "sentencepiece model), or data.tokenizer_path=null to train one on the data",
+        )
         if self.source in ("local", "shards"):
             _require(
                 bool(self.path),

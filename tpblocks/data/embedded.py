@@ -108,7 +108,8 @@ def iter_embedded_documents(progress: bool = False) -> Iterator[str]:
             yield f"Topic {name}\n\n{text}"
     root = stdlib_dir()
     files = _stdlib_sources(root) if root.is_dir() else []
-    for path in tqdm(files, desc="embedded corpus (stdlib docstrings)", unit="file", disable=None if progress else True):
+    bar = tqdm(files, desc="embedded corpus (stdlib docstrings)", unit="file", disable=None if progress else True)
+    for path in bar:
         try:
             tree = ast.parse(path.read_bytes(), filename=str(path))
         except (SyntaxError, ValueError, OSError, UnicodeDecodeError):
