@@ -8,7 +8,7 @@ from tpblocks.models.lanes import add_into_own_slice, own_slices
 from tpblocks.models.layers import DecoderLayer, RotaryEmbedding
 from tpblocks.models.tp_block import TPBlock
 
-RECIPES = ["debug_llama", "debug_burger", "debug_sandwich"]
+RECIPES = ["debug_llama", "debug_burger", "debug_sandwich", "debug_palm", "debug_ladder", "debug_kraken", "debug_track"]
 
 
 def tp_cfg(**kw) -> ModelConfig:

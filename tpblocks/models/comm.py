@@ -8,6 +8,8 @@ implementation: all lanes live in this process, so every call is local work — 
 
 Calls (shapes: l lanes held here, b batch, s sequence, d lane width, h model width, f feature slice):
   tp_reduce(x)                  blocking   row-parallel output of a classic layer: sum over tp ranks
+  tp_reduce_start(x)            async      the same sum, awaited later (Ladder residual); .wait() -> x
+  lane_reduce(x_bsd)            blocking   sum over the lane ranks of per-rank partial sums (Parallel Track merge)
   lane_gather(x_bsf)            blocking   concatenate the merged slices of the lanes of all ranks -> x_bsh
   lane_sum_start(x_lbsd)        async      start summing a lane state over *all* lanes; .wait() -> x_bsd
   vocab_gather(logits_bsv)      blocking   only for a vocab-parallel head
@@ -77,6 +79,14 @@ class Communicator:
         self.counter.add("tp_reduce", blocking=True)
         return self._tp_reduce(x) if self.enabled else x
 
+    def tp_reduce_start(self, x: torch.Tensor) -> PendingSum:
+        self.counter.add("tp_reduce_async", blocking=False)
+        return self._tp_reduce_start(x) if self.enabled else PendingSum(x)
+
+    def lane_reduce(self, x_bsd: torch.Tensor) -> torch.Tensor:
+        self.counter.add("lane_reduce", blocking=True)
+        return self._lane_reduce(x_bsd) if self.enabled else x_bsd
+
     def lane_gather(self, x_bsf: torch.Tensor) -> torch.Tensor:
         self.counter.add("lane_gather", blocking=True)
         return self._lane_gather(x_bsf) if self.enabled else self._lane_gather_disabled(x_bsf)
@@ -94,6 +104,14 @@ class Communicator:
     # ------------------------------------------------------------------ single-process implementation
     def _tp_reduce(self, x: torch.Tensor) -> torch.Tensor:
         return x
+
+    def _tp_reduce_start(self, x: torch.Tensor) -> PendingSum:
+        # Correct everywhere; a distributed subclass overrides it with a truly asynchronous all-reduce.
+        return PendingSum(self._tp_reduce(x))
+
+    def _lane_reduce(self, x_bsd: torch.Tensor) -> torch.Tensor:
+        # A sum over the lane axis of one pseudo-lane is the all-reduce of the per-rank partial sums.
+        return self._lane_sum_start(x_bsd.unsqueeze(0)).wait()
 
     def _lane_gather(self, x_bsf: torch.Tensor) -> torch.Tensor:
         return x_bsf

@@ -12,6 +12,11 @@ Vocabulary used throughout (report §4):
   recipe                "sandwich": split -> lanes of hidden h/L -> concatenate
                         "burger":   copy  -> lanes of hidden h, FFN down-projection writes only the lane's
                                     h/L slice -> sample slice l of lane l + concatenate
+                        "track":    copy  -> lanes of hidden h -> x + sum of the lanes' updates (Parallel Track:
+                                    G tracks synchronised every lane_depth layers)
+  arch                  "llama" (baseline), "tp_blocks" (the above), and the other schedules of
+                        ``schedules.py``: "palm" (parallel attention+FFN), "ladder" (Ladder residual),
+                        "kraken" (G lanes of n_layers, lane_count = G)
   tp_block_repetition   number of (TP block + n_classic_layers classic layers) groups (block mixing, §4.3)
   comm_start/interleave/length   delayed communication (§4.2), see ``delayed_sends``
 """
@@ -22,12 +27,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
-Arch = Literal["llama", "tp_blocks"]
-Recipe = Literal["sandwich", "burger"]
+Arch = Literal["llama", "tp_blocks", "palm", "ladder", "kraken"]
+Recipe = Literal["sandwich", "burger", "track"]
 Reception = Literal["sum", "mean", "gated"]
 
-ARCHS = ("llama", "tp_blocks")
-RECIPES = ("sandwich", "burger")
+ARCHS = ("llama", "tp_blocks", "palm", "ladder", "kraken")
+DENSE_ARCHS = ("llama", "palm", "ladder")  # stacks of n_layers full-width layers, Megatron-sharded
+RECIPES = ("sandwich", "burger", "track")
 RECEPTIONS = ("sum", "mean", "gated")
 
 
@@ -47,7 +53,7 @@ class ModelConfig:
     n_kv_heads: int = 2  # KV heads of classic layers (GQA); must divide n_heads
     ffn_factor: float = 2.0  # classic-layer intermediate size = round(ffn_factor * hidden_size)
     ffn_hidden_size: int | None = None  # explicit classic intermediate size; overrides ffn_factor
-    n_layers: int = 2  # llama only: number of decoder layers
+    n_layers: int = 2  # llama / palm / ladder / kraken: number of decoder layers
     max_seq_len: int = 2048
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
@@ -85,10 +91,15 @@ class ModelConfig:
         _require(self.ffn_factor > 0, f"ffn_factor={self.ffn_factor} must be > 0")
         _require(self.norm_eps > 0, f"norm_eps={self.norm_eps} must be > 0")
         self._check_heads("classic layers", self.hidden_size, self.n_heads, self.n_kv_heads, "n_heads", "n_kv_heads")
-        if self.arch == "llama":
-            _require(self.n_layers > 0, f"n_layers={self.n_layers} must be >= 1 for arch='llama'")
-        else:
+        if self.arch != "tp_blocks":
+            _require(self.n_layers > 0, f"n_layers={self.n_layers} must be >= 1 for arch={self.arch!r}")
+        if self.arch == "tp_blocks":
             self._check_tp_blocks()
+        elif self.arch == "kraken":
+            _require(self.lane_count >= 1, f"lane_count={self.lane_count} (Kraken's degree G) must be >= 1")
+            self._check_heads(
+                "Kraken lane", self.hidden_size, self.lane_heads, self.lane_kv_heads, "lane_n_heads", "lane_n_kv_heads"
+            )
 
     # ------------------------------------------------------------------ validation helpers
     @staticmethod
@@ -111,7 +122,7 @@ class ModelConfig:
         _require(self.lane_ffn_factor > 0, f"lane_ffn_factor={self.lane_ffn_factor} must be > 0")
         why = "Sandwich lanes get h/L features" if self.recipe == "sandwich" else "Burger lane l writes slice l of h/L"
         _require(
-            self.hidden_size % self.lane_count == 0,
+            self.recipe == "track" or self.hidden_size % self.lane_count == 0,
             f"lane_count={self.lane_count} must divide hidden_size={self.hidden_size} ({why}); "
             f"use a hidden_size that is a multiple of {self.lane_count}",
         )
@@ -143,7 +154,9 @@ class ModelConfig:
     @property
     def lane_hidden_size(self) -> int:
         """Width of the residual stream inside a lane (Table 3)."""
-        return self.hidden_size // self.lane_count if self.recipe == "sandwich" else self.hidden_size
+        if self.arch == "tp_blocks" and self.recipe == "sandwich":
+            return self.hidden_size // self.lane_count
+        return self.hidden_size
 
     @property
     def lane_slice(self) -> int:
@@ -169,7 +182,8 @@ class ModelConfig:
     @property
     def lane_out_size(self) -> int:
         """Output width of a lane FFN's down-projection: h/L for Burger (Table 3), the lane width for Sandwich."""
-        return self.lane_slice if self.recipe == "burger" else self.lane_hidden_size
+        burger = self.arch == "tp_blocks" and self.recipe == "burger"
+        return self.lane_slice if burger else self.lane_hidden_size
 
     @property
     def delayed_sends(self) -> tuple[int, ...]:
@@ -187,7 +201,7 @@ class ModelConfig:
     @property
     def n_decoder_layers(self) -> int:
         """Sequential depth of the model (a lane counts once)."""
-        if self.arch == "llama":
+        if self.arch != "tp_blocks":
             return self.n_layers
         return self.tp_block_repetition * (self.lane_depth + self.n_classic_layers)
 

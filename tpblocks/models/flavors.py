@@ -153,6 +153,27 @@ def debug_sandwich() -> ModelConfig:
     )  # fmt: skip
 
 
+def debug_palm() -> ModelConfig:
+    return debug_llama().replace(arch="palm")
+
+
+def debug_ladder() -> ModelConfig:
+    return debug_llama().replace(arch="ladder")
+
+
+def debug_kraken() -> ModelConfig:
+    """G = 2 full-width lanes, each with half the heads and half the FFN of the debug Llama."""
+    return debug_llama().replace(arch="kraken", lane_count=2, lane_n_heads=2, lane_n_kv_heads=1, lane_ffn_factor=1.0)
+
+
+def debug_track() -> ModelConfig:
+    """Parallel Track: 2 tracks (half the heads and FFN each) synchronised every 2 layers, 2 blocks = 4 layers."""
+    return ModelConfig(
+        arch="tp_blocks", recipe="track", vocab_size=256, hidden_size=64, n_heads=4, n_kv_heads=2, lane_count=2,
+        lane_depth=2, tp_block_repetition=2, lane_n_heads=2, lane_n_kv_heads=1, lane_ffn_factor=1.0, max_seq_len=256,
+    )  # fmt: skip
+
+
 FLAVORS: dict[str, Callable[[], ModelConfig]] = {
     "llama_135m": llama_135m,
     "burger_t15": burger_t15,
@@ -163,6 +184,10 @@ FLAVORS: dict[str, Callable[[], ModelConfig]] = {
     "debug_llama": debug_llama,
     "debug_burger": debug_burger,
     "debug_sandwich": debug_sandwich,
+    "debug_palm": debug_palm,
+    "debug_ladder": debug_ladder,
+    "debug_kraken": debug_kraken,
+    "debug_track": debug_track,
     **{f"burger_t4_{i}": (lambda i=i: burger_table4(i)) for i in _TABLE4},
     **{
         f"lane{n}_{recipe}": (lambda n=n, recipe=recipe: lane_family(n, recipe))

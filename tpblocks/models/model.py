@@ -3,6 +3,9 @@
 Stages are the sequential units of the model:
   arch="llama"      n_layers classic DecoderLayers (the Llama-2/3 baseline)
   arch="tp_blocks"  tp_block_repetition x (TPBlock + n_classic_layers DecoderLayers)   (block mixing, §4.3)
+  arch="palm"       n_layers ParallelLayers                                             (schedules.py)
+  arch="ladder"     one LadderStack of n_layers DecoderLayers
+  arch="kraken"     one KrakenBlock of lane_count lanes x n_layers
 
 The model is pure PyTorch. Its communication points are calls on ``self.comm`` (a ``Communicator``);
 ``tpblocks.parallel`` swaps in a distributed communicator and shards weights from outside.
@@ -17,6 +20,7 @@ from .comm import Communicator, LocalComm
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .layers import DecoderLayer, RMSNorm, RotaryEmbedding, residual_std
+from .schedules import KrakenBlock, LadderStack, ParallelLayer
 from .tp_block import TPBlock
 
 
@@ -41,9 +45,15 @@ class TransformerLM(nn.Module):
     def _build_stages(self, cfg: ModelConfig) -> list[nn.Module]:
         if cfg.arch == "llama":
             return [self._classic_layer(cfg) for _ in range(cfg.n_layers)]
+        if cfg.arch == "palm":
+            return [ParallelLayer(cfg, self.rope) for _ in range(cfg.n_layers)]
+        if cfg.arch == "ladder":
+            return [LadderStack([self._classic_layer(cfg) for _ in range(cfg.n_layers)])]
         lane_rope = self.rope
         if cfg.lane_head_dim != cfg.head_dim:
             lane_rope = RotaryEmbedding(cfg.lane_head_dim, cfg.max_seq_len, cfg.rope_theta)
+        if cfg.arch == "kraken":
+            return [KrakenBlock(cfg, lane_rope)]
         stages: list[nn.Module] = []
         for _ in range(cfg.tp_block_repetition):
             stages.append(TPBlock(cfg, lane_rope))
@@ -69,7 +79,7 @@ class TransformerLM(nn.Module):
                 nn.init.ones_(p)
             elif leaf == "gate":
                 nn.init.zeros_(p)  # delayed-comm reception gates start closed (delayed.py)
-            elif leaf in ("wo", "w_down") or name.endswith(("wo.weight", "w_down.weight")):
+            elif leaf in ("wo", "w_down") or name.endswith(("wo.weight", "w_down.weight", "proj.weight")):
                 nn.init.normal_(p, 0.0, out_std)
             else:
                 nn.init.normal_(p, 0.0, std)

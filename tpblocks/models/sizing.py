@@ -33,8 +33,13 @@ def count_parameters(cfg: ModelConfig) -> dict[str, int]:
     """Parameter count by part; ``total`` includes embeddings (and the head when untied)."""
     h = cfg.hidden_size
     parts = {"embedding": cfg.vocab_size * h, "head": 0 if cfg.tie_embeddings else cfg.vocab_size * h, "norm": h}
-    if cfg.arch == "llama":
+    if cfg.arch in ("llama", "ladder"):
         parts["classic_layers"] = cfg.n_layers * classic_layer_params(cfg)
+    elif cfg.arch == "palm":  # one shared norm per layer
+        parts["classic_layers"] = cfg.n_layers * (classic_layer_params(cfg) - h)
+    elif cfg.arch == "kraken":
+        parts["lane_layers"] = cfg.n_layers * cfg.lane_count * lane_layer_params(cfg)
+        parts["lane_projection"] = cfg.lane_count * h * h
     else:
         reps = cfg.tp_block_repetition
         parts["lane_layers"] = reps * cfg.lane_count * cfg.lane_depth * lane_layer_params(cfg)
@@ -52,6 +57,8 @@ def total_parameters(cfg: ModelConfig) -> int:
 def hidden_size_step(cfg: ModelConfig) -> int:
     """Smallest granularity of hidden sizes that keeps every head dim even and every split exact."""
     step = 2 * cfg.n_heads
+    if cfg.arch == "kraken":
+        step = math.lcm(step, 2 * cfg.lane_heads)
     if cfg.arch == "tp_blocks":
         lane_unit = 2 * cfg.lane_heads * (cfg.lane_count if cfg.recipe == "sandwich" else 1)
         step = math.lcm(step, lane_unit, cfg.lane_count)
@@ -60,16 +67,18 @@ def hidden_size_step(cfg: ModelConfig) -> int:
 
 def _ffn_unit_params(cfg: ModelConfig) -> int:
     """Parameters added by one more unit of intermediate size (lane FFNs for TP blocks, classic for Llama)."""
-    if cfg.arch == "llama":
+    if cfg.arch in ("llama", "palm", "ladder"):
         return cfg.n_layers * 3 * cfg.hidden_size
     per_lane = 2 * cfg.lane_hidden_size + cfg.lane_out_size
+    if cfg.arch == "kraken":
+        return cfg.n_layers * cfg.lane_count * per_lane
     return cfg.tp_block_repetition * cfg.lane_count * cfg.lane_depth * per_lane
 
 
 def _close_gap_with_ffn(cfg: ModelConfig, budget: int) -> ModelConfig:
     """Grow the intermediate size of ``cfg`` (which is under budget) until the count is nearest ``budget``."""
     extra = round((budget - total_parameters(cfg)) / _ffn_unit_params(cfg))
-    if cfg.arch == "llama":
+    if cfg.arch in ("llama", "palm", "ladder"):
         return cfg.replace(ffn_hidden_size=cfg.ffn_hidden + extra)
     return cfg.replace(lane_ffn_hidden_size=cfg.lane_ffn_hidden + extra)
 

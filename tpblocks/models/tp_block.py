@@ -6,8 +6,10 @@ c = h/L features each lane contributes to the merged state.
 Gateways (Table 3):
   Sandwich  prepare = split h into L slices of d = h/L;      merge = concatenate the lanes
   Burger    prepare = copy h to every lane (d = h);          merge = slice l of lane l, concatenated
-One blocking communication point per block: the merge (``comm.lane_gather``). Delayed communication adds
-non-blocking ones (``comm.lane_sum_start`` ... ``wait``), see ``delayed.py``.
+  Track     prepare = copy (d = h);                            merge = x + sum over lanes of (lane_l - x)
+            (Parallel Track: G tracks of lane_depth layers each, synchronised once per block)
+One blocking communication point per block: the merge (``comm.lane_gather``, or ``comm.lane_reduce`` for
+Track). Delayed communication adds non-blocking ones (``comm.lane_sum_start`` ... ``wait``), see ``delayed.py``.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ class TPBlock(nn.Module):
     # ------------------------------------------------------------------ gateways
     def prepare(self, x_bsh: torch.Tensor) -> torch.Tensor:
         b, s, h = x_bsh.shape
-        if self.recipe == "burger":
+        if self.recipe in ("burger", "track"):
             return x_bsh.unsqueeze(0).expand(self.lanes, b, s, h)
         x_bsLd = x_bsh.view(b, s, self.lane_count, h // self.lane_count)
         return x_bsLd[:, :, self.lane_offset : self.lane_offset + self.lanes].permute(2, 0, 1, 3)
@@ -95,4 +97,7 @@ class TPBlock(nn.Module):
             if lane_states is not None:
                 lane_states.append(x_lbsd)
         assert not in_flight, "config validation guarantees every send is received inside the lane"
+        if self.recipe == "track":  # x + sum_l (lane_l - x): partial sums over this process's lanes, then reduce
+            local_update = x_lbsd.sum(0) - x_lbsd.shape[0] * x_bsh
+            return x_bsh + comm.lane_reduce(local_update)  # the block's one blocking sync
         return comm.lane_gather(self.merge_local(x_lbsd))  # the block's one blocking sync
