@@ -113,3 +113,12 @@ def test_init_distributed_reports_missing_rendezvous(monkeypatch):
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     with pytest.raises(ValueError, match="MASTER_ADDR is not set"):
         init_distributed()
+
+
+def test_selfcheck_refuses_one_process(monkeypatch, capsys):
+    from tpblocks.parallel import selfcheck
+
+    for name in ("WORLD_SIZE", "RANK", "SLURM_NTASKS", "SLURM_PROCID"):
+        monkeypatch.delenv(name, raising=False)
+    assert selfcheck.main(["--flavor", "debug_llama"]) == 2
+    assert "nproc_per_node" in capsys.readouterr().err

@@ -17,6 +17,10 @@ A second group checks a data-parallel mesh (dp=2) and, on 4 ranks, the dp x lane
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -211,3 +215,20 @@ def test_data_parallel_mesh_two_ranks():
 @pytest.mark.timeout(300)
 def test_dp_by_lane_mesh_four_ranks():
     run_workers(_mesh_worker, world=4, args=(2, 2))
+
+
+# ---------------------------------------------------------------------------------------------- torchrun
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_selfcheck_under_torchrun(tmp_path):
+    """The real launcher path: torchrun env -> init_distributed -> ParallelDims(dp=-1) mesh -> shard -> decode."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += ["-m", "tpblocks.parallel.selfcheck", "--flavor", "debug_llama", "--lane", "2", "--steps", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=220, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert sorted(r["rank"] for r in reports) == [0, 1]
+    for r in reports:
+        assert r["ok"] and r["lane"] == 2 and r["dp"] == 1
+        assert r["syncs_per_token"] == r["collectives_per_token"] == 2 * get_flavor("debug_llama").n_layers
