@@ -10,11 +10,20 @@ Public API (used by the trainer)::
 """
 
 from tpblocks.data.config import DataConfig, default_cache_dir
-from tpblocks.data.loader import TokenLoader, heldout_batches
 from tpblocks.data.prepare import PreparedData, data_cache_key, load_prepared, prepare_data, resolve_tokenizer
 from tpblocks.data.shards import ShardError, ShardHeader, open_shard, read_header, token_dtype, write_shard
 from tpblocks.data.sources import DataError, DocStats, HubUnavailableError, iter_documents
 from tpblocks.data.tokenizer import bytes_per_token, load_tokenizer, train_tokenizer
+
+
+def __getattr__(name: str):
+    # The loader needs torch (seconds to import); tokenizer and preparation tools do not, so load it lazily.
+    if name in ("TokenLoader", "heldout_batches"):
+        from tpblocks.data import loader
+
+        return getattr(loader, name)
+    raise AttributeError(f"module 'tpblocks.data' has no attribute {name!r}")
+
 
 __all__ = [
     "DataConfig",

@@ -225,7 +225,7 @@ def iter_hub_documents(cfg: DataConfig, stats: DocStats, rank: int = 0, world: i
         if _is_offline_error(e) or offline_vars or isinstance(e, OSError):
             reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".strip()
             if offline_vars:
-                reason += f" ({', '.join(offline_vars)} is set)"
+                reason += f" ({' and '.join(offline_vars)} {'are' if len(offline_vars) > 1 else 'is'} set)"
             raise HubUnavailableError(_hub_hint(cfg, reason)) from None
         raise DataError(
             f"cannot open hub dataset {cfg.hub_name} subset={cfg.hub_subset}: {type(e).__name__}: {e}"
