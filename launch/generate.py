@@ -1,0 +1,152 @@
+"""Generate text from a trained model (KV-cache decode), in one process or over a lane group.
+
+    python launch/generate.py checkpoint=outputs/.../run prompt="Once upon a time" max_new_tokens=64 \
+        temperature=0.8 top_k=50 seed=0
+    torchrun --nproc_per_node=2 launch/generate.py checkpoint=... prompt="..."     # lanes split over 2 ranks
+
+Arguments (key=value):
+  checkpoint      a run directory (uses checkpoints/latest), a checkpoint directory holding model.pt, or a
+                  model.pt file (tpblocks.models.io format)
+  prompt          text (needs a tokenizer), or prompt_ids=[1,2,3] as token ids
+  tokenizer       sentencepiece .model; default: data.tokenizer_path from the run's config.yaml. Without one,
+                  only token ids are printed
+  max_new_tokens  (32) temperature (0 = greedy) top_k (none) seed (0) eos (stop at the tokenizer's EOS: true)
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # runnable from a checkout without `pip install -e .`
+    sys.path.insert(0, str(REPO))
+
+DEFAULTS = dict(
+    checkpoint=None, prompt=None, prompt_ids=None, tokenizer=None, max_new_tokens=32, temperature=0.0, top_k=None,
+    seed=0, eos=True,
+)  # fmt: skip
+
+
+class UsageError(ValueError):
+    pass
+
+
+def parse_args(argv: list[str]) -> dict:
+    args = dict(DEFAULTS)
+    for item in argv:
+        key, sep, value = item.partition("=")
+        key = key.lstrip("+-")
+        if not sep or key not in DEFAULTS:
+            raise UsageError(f"bad argument {item!r}: expected key=value with key in {', '.join(DEFAULTS)}")
+        if key in ("prompt", "checkpoint", "tokenizer"):
+            args[key] = value.strip("'\"")  # text stays text (a prompt like "1: yes" is not YAML)
+        else:
+            try:
+                args[key] = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise UsageError(f"cannot parse {key}={value!r}") from None
+    if args["checkpoint"] is None:
+        raise UsageError("checkpoint=<run dir | checkpoint dir | model.pt> is required")
+    if (args["prompt"] is None) == (args["prompt_ids"] is None):
+        raise UsageError('give exactly one of prompt="text" or prompt_ids=[...]')
+    return args
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
+    """(model file, run directory or None) for a run dir, a checkpoint dir or a model file."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        run = path.parent.parent.parent if path.parent.parent.name == "checkpoints" else None
+        return path, run
+    if (path / "model.pt").is_file():
+        run = path.parent.parent if path.parent.name == "checkpoints" else None
+        return path / "model.pt", run
+    latest = path / "checkpoints" / "latest"
+    if latest.is_file():
+        model = path / "checkpoints" / latest.read_text().strip() / "model.pt"
+        if model.is_file():
+            return model, path
+        raise UsageError(f"{latest} names {model.parent.name}, which holds no model.pt (interrupted save?)")
+    raise UsageError(f"no model at {path}: expected a run directory, a checkpoint directory or a model.pt file")
+
+
+def find_tokenizer(explicit: str | None, run_dir: Path | None) -> Path | None:
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise UsageError(f"tokenizer={explicit} does not exist; give a sentencepiece .model file")
+        return path
+    config = run_dir / "config.yaml" if run_dir is not None else None
+    if config is None or not config.is_file():
+        return None
+    data = (yaml.safe_load(config.read_text()) or {}).get("data") or {}
+    for key in ("tokenizer_path", "tokenizer"):
+        value = data.get(key)
+        if isinstance(value, str) and Path(value).expanduser().is_file():
+            return Path(value).expanduser()
+    if run_dir is not None and (run_dir / "tokenizer.model").is_file():
+        return run_dir / "tokenizer.model"
+    return None
+
+
+def main(argv: list[str]) -> int:
+    try:
+        args = parse_args(argv)
+        model_path, run_dir = resolve_checkpoint(args["checkpoint"])
+        tok_path = find_tokenizer(args["tokenizer"], run_dir)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    import sentencepiece as spm
+
+    from tpblocks.infer import generate
+    from tpblocks.models.io import load_model
+    from tpblocks.parallel import MeshComm, ParallelDims, destroy_distributed, init_distributed, shard_model
+
+    sp = spm.SentencePieceProcessor(model_file=str(tok_path)) if tok_path else None
+    if args["prompt"] is not None:
+        if sp is None:
+            print("error: prompt= needs a tokenizer (tokenizer=PATH, or data.tokenizer_path in the run's config.yaml);"
+                  " or pass prompt_ids=[...]", file=sys.stderr)  # fmt: skip
+            return 2
+        prompt_ids = ([sp.bos_id()] if sp.bos_id() >= 0 else []) + sp.encode(args["prompt"])
+    else:
+        prompt_ids = args["prompt_ids"] if isinstance(args["prompt_ids"], list) else [args["prompt_ids"]]
+    eos_id = sp.eos_id() if sp is not None and args["eos"] and sp.eos_id() >= 0 else None
+
+    rank, world = init_distributed()
+    try:
+        model = load_model(model_path).eval()
+        if sp is not None and sp.vocab_size() > model.cfg.vocab_size:
+            raise ValueError(
+                f"tokenizer {tok_path} has {sp.vocab_size()} pieces but the model's vocab_size is "
+                f"{model.cfg.vocab_size}; give the tokenizer the model was trained with"
+            )
+        if world > 1:
+            mesh = ParallelDims(dp=1, lane=world, world_size=world).build_mesh("cpu")
+            model = shard_model(model, MeshComm(mesh))
+        out = generate(
+            model, prompt_ids, int(args["max_new_tokens"]), temperature=float(args["temperature"]),
+            top_k=args["top_k"], seed=args["seed"], eos_id=eos_id, progress=rank == 0 and sys.stderr.isatty(),
+        )  # fmt: skip
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        destroy_distributed()
+    if rank == 0:
+        print(f"model: {model_path} (arch={model.cfg.arch}, recipe={model.cfg.recipe}, ranks={world})")
+        print(f"prompt ids: {prompt_ids}")
+        print(f"generated ids: {out}")
+        if sp is not None:
+            print(f"text: {sp.decode(prompt_ids + out)}")
+            print(f"generated: {sp.decode(out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
