@@ -139,9 +139,12 @@ def _check_slice_write(x_lbsd: torch.Tensor, act_lbsf: torch.Tensor, w_lfc: torc
     l, b, s, d = x_lbsd.shape
     f, c = w_lfc.shape[1:]
     if act_lbsf.shape != (l, b, s, f) or w_lfc.shape[0] != l:
-        raise ValueError(f"shapes disagree: x {tuple(x_lbsd.shape)}, act {tuple(act_lbsf.shape)}, w {tuple(w_lfc.shape)}")
+        shapes = f"x {tuple(x_lbsd.shape)}, act {tuple(act_lbsf.shape)}, w_down {tuple(w_lfc.shape)}"
+        raise ValueError(f"shapes disagree: {shapes}")
     if d % c or not 0 <= lane_offset or lane_offset + l > d // c:
-        raise ValueError(f"lanes [{lane_offset}, {lane_offset + l}) do not fit the {d // c} slices of width {c} in d={d}")
+        raise ValueError(
+            f"lanes [{lane_offset}, {lane_offset + l}) do not fit the {d // c} slices of width {c} of d={d}"
+        )
 
 
 def lane_down_into_own_slice_triton(
