@@ -36,6 +36,7 @@ from tpblocks.parallel import (
     MeshComm,
     ParallelDims,
     all_reduce_gradients,
+    clip_grad_norm_,
     local_slice,
     shard_model,
     unshard_state_dict,
@@ -121,6 +122,9 @@ def _check_case(rank: int, label: str, flavor: str, overrides: dict, comm: MeshC
         if name not in model.shard_spec:  # replicated: bit-identical on every lane rank
             assert _allclose_across_ranks(p.grad), f"{label}: replicated {name} has different grads per rank"
 
+    # ---- the global gradient norm (what clipping uses) is the single-process one, on every rank
+    _check_grad_norm(model, full, label)
+
     # ---- gathering the shards back gives the full weights
     full_state = full.state_dict()
     for name, tensor in unshard_state_dict(model).items():
@@ -156,6 +160,13 @@ def _check_case(rank: int, label: str, flavor: str, overrides: dict, comm: MeshC
         assert not torch.allclose(out, ref, rtol=RTOL, atol=ATOL), f"{label}: communication made no difference"
     finally:
         comm.enabled = True
+
+
+def _check_grad_norm(model, full, label: str) -> None:
+    want = torch.sqrt(sum(p.grad.double().pow(2).sum() for p in full.parameters())).item()
+    got = clip_grad_norm_(model, None)
+    assert abs(got - want) <= 1e-5 * want, f"{label}: sharded grad norm {got} vs single-process {want}"
+    assert _allclose_across_ranks(torch.tensor([got]))
 
 
 def _lane_parallel_worker(rank: int, world: int, labels: list[str]) -> None:
@@ -199,6 +210,7 @@ def _mesh_worker(rank: int, world: int, dp: int, lane: int) -> None:
     rows = slice(2 * dp_rank, 2 * dp_rank + 2)
     _grad_step(model, tokens[rows], targets[rows])
     all_reduce_gradients(model, group=mesh.get_group("dp"))
+    _check_grad_norm(model, full, f"dp={dp} lane={lane}")
     full_params = dict(full.named_parameters())
     for name, p in model.named_parameters():
         expected = local_slice(full_params[name].grad, model.shard_spec, name)

@@ -8,11 +8,11 @@
 The model code (``tpblocks.models``) never imports torch.distributed: everything here is applied from outside.
 """
 
-from .audit import CollectiveAudit
+from .audit import CollectiveAudit, expected_syncs_per_token
 from .comm import MeshComm
 from .dims import ParallelDims, check_lane_degree
 from .dist import all_reduce_gradients, destroy_distributed, init_distributed, local_device
-from .placement import kv_heads_for_rank, local_slice, shard_model, unshard_state_dict
+from .placement import clip_grad_norm_, kv_heads_for_rank, local_slice, shard_model, unshard_state_dict
 
 __all__ = [
     "CollectiveAudit",
@@ -20,7 +20,9 @@ __all__ = [
     "ParallelDims",
     "all_reduce_gradients",
     "check_lane_degree",
+    "clip_grad_norm_",
     "destroy_distributed",
+    "expected_syncs_per_token",
     "init_distributed",
     "kv_heads_for_rank",
     "local_device",

@@ -12,6 +12,8 @@ from collections import Counter
 
 import torch.distributed as dist
 
+from ..models.config import ModelConfig
+
 COLLECTIVES = (
     "all_reduce",
     "all_gather",
@@ -67,3 +69,10 @@ class CollectiveAudit:
         for name, fn in self._saved.items():
             setattr(dist, name, fn)
         self._saved.clear()
+
+
+def expected_syncs_per_token(cfg: ModelConfig) -> int:
+    """Blocking syncs of one forward: 2 per classic layer, 1 per TP block (report Eq. 9-10)."""
+    if cfg.arch == "llama":
+        return 2 * cfg.n_layers
+    return cfg.tp_block_repetition * (2 * cfg.n_classic_layers + 1)

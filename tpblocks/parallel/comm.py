@@ -76,19 +76,18 @@ class _GatherLastDim(torch.autograd.Function):
         return grad[..., start : start + ctx.width].contiguous(), None
 
 
-class _AsyncSum(torch.autograd.Function):
-    """Starts an async all-reduce; the returned buffer is valid once ``work`` (stored in ``box``) completes.
+class _AttachSum(torch.autograd.Function):
+    """Puts a finished lane sum back into the graph: value = ``total``, gradient flows to ``local``.
 
-    Gradient: the total is used by every rank, so d loss / d (this rank's part) is the sum of every rank's
-    gradient of the total, an all-reduce.
+    The collective itself runs outside autograd on a detached copy (so any transport can run it in the
+    background). The total is used by every rank, so d loss / d (this rank's part) is the sum over ranks of
+    their gradients of the total: an all-reduce.
     """
 
     @staticmethod
-    def forward(ctx, local_bsd: torch.Tensor, comm: MeshComm, box: list) -> torch.Tensor:
+    def forward(ctx, local_bsd: torch.Tensor, total_bsd: torch.Tensor, comm: MeshComm) -> torch.Tensor:
         ctx.comm = comm
-        total_bsd = local_bsd.contiguous().clone()
-        box.append(dist.all_reduce(total_bsd, group=comm.group, async_op=True))
-        return total_bsd
+        return total_bsd.view_as(total_bsd)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -102,15 +101,31 @@ class _AsyncSum(torch.autograd.Function):
 class PendingAllReduce(PendingSum):
     """Handle of an in-flight lane sum: ``wait()`` blocks on the collective and returns the total (b, s, d)."""
 
-    def __init__(self, total_bsd: torch.Tensor, work):
-        super().__init__(total_bsd)
-        self._work = work
+    def __init__(self, local_bsd: torch.Tensor, comm: MeshComm):
+        super().__init__(local_bsd)
+        self._comm = comm
+        self._done: torch.Tensor | None = None
+        if comm.lane_sum_method == "async":
+            self._total = local_bsd.detach().contiguous().clone()
+            self._work = dist.all_reduce(self._total, group=comm.group, async_op=True)
+        else:  # GPU transports (symmetric-memory one-shot all-reduce) live with the kernels
+            from kernels.comm import delayed_all_reduce_start
+
+            self._work = delayed_all_reduce_start(local_bsd.detach(), comm.group, comm.lane_sum_method)
+            self._total = None
 
     def wait(self) -> torch.Tensor:
-        if self._work is not None:
-            self._work.wait()
-            self._work = None
-        return self._value
+        if self._done is None:
+            if self._total is None:  # kernels.comm handle: wait() returns the sum
+                total = self._work.wait()
+            else:
+                self._work.wait()
+                total = self._total
+            local = self._value
+            if torch.is_grad_enabled() and local.requires_grad:
+                total = _AttachSum.apply(local, total, self._comm)
+            self._done = total
+        return self._done
 
 
 class MeshComm(Communicator):
@@ -119,10 +134,16 @@ class MeshComm(Communicator):
     ``mesh_or_group`` is a ``DeviceMesh`` with a ``"lane"`` dim (``ParallelDims.build_mesh``), a
     ``ProcessGroup`` of the lane group, or ``None`` for the default group (every rank in one lane group).
     ``enabled=False`` (set on the instance) keeps every call local: the no-communication ceiling.
+    ``lane_sum_method``: "async" (``all_reduce(async_op=True)``, any backend) or, on CUDA, "auto"/"symm_mem" to
+    run the delayed sums with ``kernels.comm`` (one-shot symmetric-memory all-reduce; not visible to
+    ``CollectiveAudit``, which only sees ``torch.distributed`` calls).
     """
 
-    def __init__(self, mesh_or_group=None, dim: str = "lane"):
+    def __init__(self, mesh_or_group=None, dim: str = "lane", lane_sum_method: str = "async"):
         super().__init__()
+        if lane_sum_method not in ("async", "auto", "symm_mem"):
+            raise ValueError(f"lane_sum_method={lane_sum_method!r}; use 'async', 'auto' or 'symm_mem' (kernels.comm)")
+        self.lane_sum_method = lane_sum_method
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
                 "MeshComm needs torch.distributed initialised; call tpblocks.parallel.init_distributed() first "
@@ -169,9 +190,7 @@ class MeshComm(Communicator):
         local_bsd = x_lbsd.sum(0)
         if self.lane_world == 1:
             return PendingSum(local_bsd)
-        box: list = []
-        total_bsd = _AsyncSum.apply(local_bsd, self, box)
-        return PendingAllReduce(total_bsd, box[0])
+        return PendingAllReduce(local_bsd, self)
 
     def _vocab_gather(self, logits: torch.Tensor) -> torch.Tensor:
         if self.lane_world == 1:

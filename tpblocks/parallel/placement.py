@@ -37,6 +37,7 @@ from ..models.tp_block import TPBlock
 from .dims import check_lane_degree
 
 ShardSpec = dict[str, tuple[int, torch.Tensor]]
+Copies = dict[str, torch.Tensor]  # name -> how many copies of each local index exist in the lane group
 
 
 def _take(param: torch.Tensor, dim: int, index: torch.Tensor) -> nn.Parameter:
@@ -74,11 +75,13 @@ def _head_rows(heads: list[int] | torch.Tensor, head_dim: int) -> torch.Tensor:
     return (heads[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
 
 
-def _all_reduce_rows_hook(comm: Communicator, rows: torch.Tensor, full_rows: int):
+def _all_reduce_rows_hook(model_ref: weakref.ref, rows: torch.Tensor, full_rows: int):
     """Gradient hook for a replicated-KV weight (out rows = ``rows`` of a ``full_rows`` matrix): sum over ranks."""
 
     def hook(grad: torch.Tensor) -> torch.Tensor:
-        if not getattr(comm, "distributed", False):
+        model = model_ref()
+        comm = model.comm if model is not None else None
+        if not getattr(comm, "distributed", False):  # one rank, or the no-communication ceiling
             return grad
         full = grad.new_zeros(full_rows, grad.shape[1])
         full.index_add_(0, rows, grad)
@@ -109,7 +112,9 @@ def _set_linear(linear: nn.Linear, dim: int, index: torch.Tensor) -> None:
     linear.out_features, linear.in_features = linear.weight.shape
 
 
-def _shard_classic(layer: DecoderLayer, prefix: str, comm: Communicator, spec: ShardSpec) -> None:
+def _shard_classic(
+    layer: DecoderLayer, prefix: str, comm: Communicator, spec: ShardSpec, copies: Copies, model_ref
+) -> None:
     rank, world = comm.tp_rank, comm.tp_world
     attn: Attention = layer.attn
     e = attn.head_dim
@@ -118,6 +123,9 @@ def _shard_classic(layer: DecoderLayer, prefix: str, comm: Communicator, spec: S
     q_rows = _head_rows(list(range(rank * n_local, (rank + 1) * n_local)), e)
     kv_heads = kv_heads_for_rank(n, k, rank, world)
     kv_rows = _head_rows(kv_heads, e)
+    # Replicated KV heads: count every copy in the group so a global gradient norm counts each head once.
+    held = torch.bincount(torch.tensor([h for r in range(world) for h in kv_heads_for_rank(n, k, r, world)]), None, k)
+    kv_copies = held[torch.as_tensor(kv_heads)].repeat_interleave(e)
     for name, dim, index in (
         ("wq", 0, q_rows),
         ("wk", 0, kv_rows),
@@ -129,8 +137,9 @@ def _shard_classic(layer: DecoderLayer, prefix: str, comm: Communicator, spec: S
     attn.n_heads, attn.n_kv_heads = n_local, len(kv_heads)
     if k % world != 0:  # replicated KV heads: their gradient is split over the ranks that share them
         for name in ("wk", "wv"):
+            copies[f"{prefix}.attn.{name}.weight"] = kv_copies
             attn_param = getattr(attn, name).weight
-            attn_param.register_hook(_all_reduce_rows_hook(comm, kv_rows, k * e))
+            attn_param.register_hook(_all_reduce_rows_hook(model_ref, kv_rows, k * e))
     ffn: FeedForward = layer.ffn
     f_local = ffn.w_gate.out_features // world
     f_rows = torch.arange(rank * f_local, (rank + 1) * f_local)
@@ -165,6 +174,7 @@ def shard_model(model: TransformerLM, comm: Communicator) -> TransformerLM:
         raise ValueError("tpblocks places classic-layer shards on the lane axis: comm.tp_* must equal comm.lane_*")
     check_lane_degree(model.cfg, world)
     spec: ShardSpec = {}
+    copies: Copies = {}
     if world > 1:
         model_ref = weakref.ref(model)
         for i, stage in enumerate(model.stages):
@@ -173,12 +183,13 @@ def shard_model(model: TransformerLM, comm: Communicator) -> TransformerLM:
                 _shard_tp_block(stage, prefix, rank, world, spec)
                 stage.register_forward_pre_hook(_tp_enter_hook(model_ref))
             elif isinstance(stage, DecoderLayer):
-                _shard_classic(stage, prefix, comm, spec)
+                _shard_classic(stage, prefix, comm, spec, copies, model_ref)
                 stage.attn.register_forward_pre_hook(_tp_enter_hook(model_ref))
                 stage.ffn.register_forward_pre_hook(_tp_enter_hook(model_ref))
             else:  # pragma: no cover - the model only builds these two stage types
                 raise TypeError(f"cannot place stage {prefix} of type {type(stage).__name__}")
     model.shard_spec = spec
+    model.shard_copies = copies
     model.comm = comm
     return model
 
@@ -225,3 +236,44 @@ def local_slice(full: torch.Tensor, spec: ShardSpec, name: str) -> torch.Tensor:
         return full
     dim, index = spec[name]
     return full.index_select(dim, index)
+
+
+# ---------------------------------------------------------------------------------------------- gradient norm
+@torch.no_grad()
+def clip_grad_norm_(model: TransformerLM, max_norm: float | None) -> float:
+    """Global L2 norm of the gradients of a sharded model, the same on every rank; clips when ``max_norm`` is set.
+
+    ``torch.nn.utils.clip_grad_norm_`` on a shard sees only this rank's lanes/shards, so each lane rank would
+    clip by a different factor and the replicas would drift apart. Here replicated parameters count once,
+    sharded ones are summed over the lane group (each replicated KV head once), in one all-reduce. Call it
+    after the data-parallel gradient average (dp replicas then hold equal gradients).
+    """
+    spec: ShardSpec = getattr(model, "shard_spec", None) or {}
+    copies: Copies = getattr(model, "shard_copies", None) or {}
+    comm = model.comm
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    if not grads:
+        return 0.0
+    device = next(iter(grads.values())).device
+    replicated = torch.zeros((), dtype=torch.float64, device=device)
+    sharded = torch.zeros((), dtype=torch.float64, device=device)
+    for name, g in grads.items():
+        sq = g.detach().double().pow(2)
+        if name not in spec:
+            replicated += sq.sum()
+        elif name in copies:
+            dim = spec[name][0]
+            shape = [1] * sq.dim()
+            shape[dim] = -1
+            sharded += (sq / copies[name].to(device=device, dtype=sq.dtype).view(shape)).sum()
+        else:
+            sharded += sq.sum()
+    if spec and getattr(comm, "distributed", False):
+        dist.all_reduce(sharded, group=comm.group)
+    total = float((replicated + sharded).sqrt())
+    if max_norm is not None and max_norm > 0:
+        coef = max_norm / (total + 1e-6)
+        if coef < 1.0:
+            for g in grads.values():
+                g.mul_(coef)
+    return total

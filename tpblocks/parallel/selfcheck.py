@@ -18,18 +18,11 @@ import torch
 
 from ..models.flavors import get_flavor
 from ..models.model import build_model
-from .audit import CollectiveAudit
+from .audit import CollectiveAudit, expected_syncs_per_token
 from .comm import MeshComm
 from .dims import ParallelDims
 from .dist import destroy_distributed, init_distributed, local_device
 from .placement import shard_model
-
-
-def expected_syncs_per_token(cfg) -> int:
-    """Blocking syncs of one forward: 2 per classic layer, 1 per TP block (report Eq. 9-10)."""
-    if cfg.arch == "llama":
-        return 2 * cfg.n_layers
-    return cfg.tp_block_repetition * (2 * cfg.n_classic_layers + 1)
 
 
 def run(flavor: str, lane: int | None, steps: int, tol: float) -> dict:
