@@ -169,19 +169,21 @@ def _check_grad_norm(model, full, label: str) -> None:
     assert _allclose_across_ranks(torch.tensor([got]))
 
 
-def _lane_parallel_worker(rank: int, world: int, labels: list[str]) -> None:
+def _two_rank_worker(rank: int, world: int, labels: list[str]) -> None:
+    """One spawn for every 2-rank check (process start-up dominates on 2 cores): lane=2 cases, then dp=2."""
     dims = ParallelDims(dp=1, lane=world)
     comm = MeshComm(dims.build_mesh("cpu"))
     assert (comm.lane_rank, comm.lane_world) == (rank, world)
     for label in labels:
         flavor, overrides = CASES[label]
         _check_case(rank, label, flavor, overrides, comm)
+    _data_parallel_check(rank, dp=world, lane=1)
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(240)
-def test_lane_parallel_equals_single_process_two_ranks():
-    run_workers(_lane_parallel_worker, world=2, args=(list(CASES),))
+@pytest.mark.timeout(300)
+def test_two_ranks_lane_parallel_and_data_parallel_equal_single_process():
+    run_workers(_two_rank_worker, world=2, args=(list(CASES),))
 
 
 # ---------------------------------------------------------------------------------------------- data parallel
@@ -192,6 +194,10 @@ def _grad_step(model, tokens, targets) -> None:
 
 
 def _mesh_worker(rank: int, world: int, dp: int, lane: int) -> None:
+    _data_parallel_check(rank, dp, lane)
+
+
+def _data_parallel_check(rank: int, dp: int, lane: int) -> None:
     """dp x lane grid: each dp replica reads its own half of the batch; averaged gradients = the full batch's."""
     dims = ParallelDims(dp=dp, lane=lane)
     mesh = dims.build_mesh("cpu")
@@ -216,11 +222,6 @@ def _mesh_worker(rank: int, world: int, dp: int, lane: int) -> None:
         expected = local_slice(full_params[name].grad, model.shard_spec, name)
         scale = expected.abs().max().item()
         torch.testing.assert_close(p.grad, expected, rtol=RTOL, atol=ATOL * scale, msg=lambda m, n=name: f"{n}: {m}")
-
-
-@pytest.mark.timeout(180)
-def test_data_parallel_mesh_two_ranks():
-    run_workers(_mesh_worker, world=2, args=(2, 1))
 
 
 @pytest.mark.slow
