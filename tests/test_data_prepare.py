@@ -98,6 +98,22 @@ def test_cache_reused_across_seq_len_and_keyed_by_options(embedded):
     np.testing.assert_array_equal(x.numpy(), stream[12000:12400].reshape(4, 100))
 
 
+def test_prepared_directory_is_self_contained(embedded, tmp_path):
+    import shutil
+
+    _, prepared = embedded
+    copy = tmp_path / "copied"
+    shutil.copytree(prepared.directory, copy)
+    moved = prepare_data(DataConfig(source="shards", path=str(copy)))
+    assert moved.directory == copy and moved.tokenizer_path == copy / "tokenizer.model"
+    assert (moved.n_train_tokens, moved.tokenizer_sha256) == (prepared.n_train_tokens, prepared.tokenizer_sha256)
+    (copy / "tokenizer.model").write_bytes(b"not a model")
+    with pytest.raises(DataError, match="not the tokenizer the shards were written with"):
+        prepare_data(DataConfig(source="shards", path=str(copy)))
+    with pytest.raises(DataError, match="no manifest.json"):
+        prepare_data(DataConfig(source="shards", path=str(tmp_path)))
+
+
 def test_other_ranks_wait_for_rank0(embedded, tmp_path):
     cfg, prepared = embedded
     assert prepare_data(cfg, rank=1, world=2) == prepared  # already there: read, never rebuilt
@@ -182,6 +198,14 @@ def test_bad_paths_and_config_values():
         DataConfig(source="s3")
     with pytest.raises(ValueError, match=r"unknown data config keys \['seqlen'\]"):
         DataConfig.from_dict({"seqlen": 5})
+
+
+def test_vocab_too_large_for_the_data(tmp_path):
+    from tpblocks.data import train_tokenizer
+
+    with pytest.raises(DataError, match="cannot train a 5000-piece tokenizer.*lower data.vocab_size"):
+        train_tokenizer(["a tiny corpus of a few words"] * 5, tmp_path / "t.model", vocab_size=5000)
+    assert not list(tmp_path.iterdir())  # no partial model or temporary directory left
 
 
 # ---------------------------------------------------------------------------------------- FineWeb + Llama-2

@@ -115,6 +115,12 @@ def load_prepared(directory: str | Path) -> PreparedData:
             f"{manifest_path} has format {m.get('format')!r} version {m.get('version')}, expected tpblocks-tokens "
             f"version {PREPARE_VERSION}; delete {directory} and re-run prepare"
         )
+    tokenizer = directory / "tokenizer.model"
+    if not tokenizer.is_file() or file_sha256(tokenizer) != m["tokenizer_sha256"]:
+        raise DataError(
+            f"{tokenizer} is missing or is not the tokenizer the shards were written with (sha256 "
+            f"{m['tokenizer_sha256'][:12]}…); delete {directory} and re-run prepare"
+        )
     train = [directory / name for name in m["train_shards"]]
     heldout = directory / m["heldout_shard"]
     counted = 0
@@ -133,7 +139,7 @@ def load_prepared(directory: str | Path) -> PreparedData:
         )
     stats_path = directory / "stats.json"
     return PreparedData(
-        tokenizer_path=directory / "tokenizer.model",
+        tokenizer_path=tokenizer,
         vocab_size=m["vocab_size"],
         bos_id=m["bos_id"],
         eos_id=m["eos_id"],
@@ -326,6 +332,12 @@ def prepare_data(cfg: DataConfig, rank: int = 0, world: int = 1) -> PreparedData
     if rank != 0:
         _wait_for(final / MANIFEST, cfg, rank, "the prepared token shards")
         return load_prepared(final)
+    if cfg.source == "hub" and cfg.max_train_tokens is None:
+        log.warning(
+            "data: no data.max_train_tokens for hub dataset %s: tokenising the whole subset (can be billions of "
+            "tokens); set data.max_train_tokens to what the run needs",
+            cfg.hub_name,
+        )
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{key}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import sentencepiece as spm
+from tqdm.auto import tqdm
 
 from tpblocks.data.sources import DataError
 
@@ -70,17 +71,22 @@ def load_tokenizer(path: str | Path) -> tuple[spm.SentencePieceProcessor, Tokeni
 def _sentences(documents: Iterable[str], max_bytes: int) -> Iterator[str]:
     """Lines of the documents until ``max_bytes`` of text were given (long lines cut to the trainer limit)."""
     seen = 0
-    for doc in documents:
-        for line in doc.split("\n"):
-            if not line.strip():
-                continue
-            data = line.encode("utf-8")
-            if len(data) > MAX_SENTENCE_BYTES:
-                line = data[:MAX_SENTENCE_BYTES].decode("utf-8", errors="ignore")
-            yield line
-            seen += len(data) + 1
-            if seen >= max_bytes:
-                return
+    bar = tqdm(total=max_bytes, desc="tokenizer sample", unit="B", unit_scale=True, disable=None)
+    try:
+        for doc in documents:
+            for line in doc.split("\n"):
+                if not line.strip():
+                    continue
+                data = line.encode("utf-8")
+                if len(data) > MAX_SENTENCE_BYTES:
+                    line = data[:MAX_SENTENCE_BYTES].decode("utf-8", errors="ignore")
+                yield line
+                seen += len(data) + 1
+                bar.update(len(data) + 1)
+                if seen >= max_bytes:
+                    return
+    finally:
+        bar.close()
 
 
 def train_tokenizer(
