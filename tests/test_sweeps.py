@@ -1,0 +1,267 @@
+"""Sweeps without a scheduler: grids at a matched budget, invalid points kept, manifest/task plumbing, the
+report (CSV + plots) over fabricated run directories that follow the run-directory contract, Eq. 12."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tpblocks.models import TransformerLM, get_flavor
+from tpblocks.sweeps import collect, extremum_distance, extremum_distance_curve, write_csv
+from tpblocks.sweeps.collect import read_csv
+from tpblocks.sweeps.grids import GRIDS, expand, get_scale, parse_values
+from tpblocks.sweeps.manifest import build_manifest, finalize_task, read_manifest
+from tpblocks.sweeps.plots import plot_sweep
+from tpblocks.sweeps.submit import SlurmResources, sbatch_command, with_repo
+from tpblocks.sweeps.task import task_argv
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = get_scale("tiny")
+
+
+# ---------------------------------------------------------------------------------------------- grids
+@pytest.mark.parametrize("grid", list(GRIDS))
+def test_every_valid_point_matches_the_budget(grid):
+    points = expand(grid, TINY)
+    assert points, grid
+    for p in points:
+        if p.valid:
+            assert abs(p.n_params - TINY.budget) <= 0.01 * TINY.budget, (p.name, p.n_params)
+
+
+def test_counts_checked_against_built_models():
+    """The solver's analytic count is the sizing module's; check it against real modules' numel."""
+    for p in expand("lane_count", TINY, {"lane_count": [1, 4, 16]}):
+        model = TransformerLM(p.model)
+        numel = sum(t.numel() for t in model.parameters())
+        assert 0.99 * TINY.budget <= numel <= 1.01 * TINY.budget, (p.name, numel)
+
+
+def test_paper_lane_count_grid_is_the_reports():
+    points = expand("lane_count", get_scale("paper"))
+    by = {(p.coords["recipe"], p.coords.get("lane_count")): p for p in points}
+    assert set(by) == {(r, n) for r in ("sandwich", "burger") for n in (1, 2, 4, 8, 16)} | {("llama", None)}
+    for (recipe, lanes), p in by.items():
+        assert p.valid, p.invalid_reason
+        assert abs(p.n_params - 150e6) <= 1.5e6
+        if recipe != "llama":
+            assert (p.model.lane_count, p.model.lane_depth, p.model.n_classic_layers) == (lanes, 12, 1)
+            assert p.model.tp_block_repetition == 1 and p.model.vocab_size == 32001
+    # the report's Llama baseline is as deep as the TP models (12 lane layers + 1 classic)
+    assert by[("llama", None)].model.n_layers == 13
+
+
+def test_paper_grids_follow_section_6():
+    paper = get_scale("paper")
+    tp = expand("tp_blocks", paper)
+    assert {(p.model.tp_block_repetition * p.model.lane_depth) for p in tp} == {12}
+    assert sorted({p.model.tp_block_repetition for p in tp}) == [1, 2, 3, 4, 6, 12]
+    classic = expand("classic_layers", paper)
+    assert sorted({p.model.n_classic_layers for p in classic}) == [1, 2, 3, 4]
+    assert {(p.model.tp_block_repetition, p.model.lane_count, p.model.lane_depth) for p in classic} == {(4, 4, 3)}
+    aspect = {(p.coords["recipe"], p.model.lane_depth) for p in expand("aspect_ratio", paper)}
+    assert aspect == {("burger", d) for d in (8, 20, 32)} | {("sandwich", d) for d in (3, 8, 16, 20, 32)}
+    seeds = expand("seed_variance", paper)
+    assert len(seeds) == 2 * 2 * 10 and all(f"seed={p.coords['seed']}" in p.train_overrides for p in seeds)
+
+
+def test_delayed_grid_keeps_invalid_points_with_reason():
+    depth = TINY.delayed_lane_depth
+    points = expand("delayed_comm", TINY)
+    assert len(points) == 3 * 4 * 4  # every combination is listed, valid or not
+    for p in points:
+        s, n = p.coords["comm_start"], p.coords["comm_length"]
+        # the first send (after layer s) is received after layer s + n, which must exist (layers 0..depth-1)
+        fits = s + n <= depth - 1
+        assert p.valid == fits, p.name
+        if not fits:
+            assert "comm_start" in p.invalid_reason and "lane_depth" in p.invalid_reason
+        else:
+            assert (p.model.comm_start, p.model.comm_interleave, p.model.comm_length) == (
+                s, p.coords["comm_interleave"], n)  # fmt: skip
+    assert any(not p.valid for p in points) and any(p.valid for p in points)
+
+
+def test_axis_values_and_scale_knobs_from_strings():
+    assert parse_values(["lane_count=1,2,4", "recipe=sandwich"]) == {"lane_count": [1, 2, 4], "recipe": ["sandwich"]}
+    scale = get_scale("tiny", budget="8e5", tokens="4096")
+    assert scale.budget == 800_000 and scale.max_steps == 4
+    with pytest.raises(ValueError, match="unknown scale knob"):
+        get_scale("tiny", budgte="1")
+    with pytest.raises(ValueError, match="tokens_per_step"):
+        get_scale("tiny", tokens="10")
+    with pytest.raises(ValueError, match="unknown sweep grid"):
+        expand("lanes", TINY)
+
+
+def test_overrides_rebuild_the_solved_model_through_the_trainer_config():
+    """Compose the trainer's own Hydra config with a task's overrides: the model it would train is the point's."""
+    pytest.importorskip("tpblocks.config")
+    from hydra import compose, initialize_config_dir
+
+    from tpblocks.config import RunConfig
+
+    if not (REPO / "conf" / "config.yaml").is_file():
+        pytest.skip("the trainer's conf/ is not present")
+    points = [p for p in expand("delayed_comm", TINY) if p.valid][:2] + expand("lane_count", TINY, {"lane_count": [8]})
+    manifest = build_manifest("mixed", TINY, points, "/tmp/unused")
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        for task, point in zip(manifest.tasks, points):
+            cfg = compose(config_name="config", overrides=list(task.overrides))
+            run = RunConfig.from_dictconfig(cfg)
+            assert run.model.replace(extra={}) == point.model.replace(extra={}), task.name
+            assert run.train.max_steps == TINY.max_steps and run.seq_len == TINY.seq_len
+
+
+# ---------------------------------------------------------------------------------------------- manifest / task
+def _manifest(tmp_path, grid="lane_count", values=None):
+    points = expand(grid, TINY, values if values is not None else {"lane_count": [1, 2, 4], "recipe": ["sandwich"]})
+    m = with_repo(build_manifest(grid, TINY, points, tmp_path / "sweep", extra_overrides=["train.log_every=1"]))
+    m.write()
+    return read_manifest(m.path)
+
+
+def test_manifest_round_trip_and_task_argv(tmp_path):
+    m = _manifest(tmp_path)
+    assert [t.name for t in m.tasks] == ["sandwich_L1", "sandwich_L2", "sandwich_L4"]
+    argv = task_argv(m, 1)
+    assert argv[0] == str(REPO / "launch" / "train.py")
+    assert f"run_dir={tmp_path / 'sweep' / 'runs' / 'sandwich_L2'}" in argv and argv[-1] == "train.log_every=1"
+    out = subprocess.run([sys.executable, "-m", "tpblocks.sweeps.task", "argv", str(m.path), "2"],
+                         capture_output=True, text=True, cwd=REPO)  # fmt: skip
+    assert out.returncode == 0 and out.stdout.splitlines() == task_argv(m, 2)
+    bad = subprocess.run([sys.executable, "-m", "tpblocks.sweeps.task", "argv", str(m.path), "3"],
+                         capture_output=True, text=True, cwd=REPO)  # fmt: skip
+    assert bad.returncode == 2 and "outside this sweep's 3 tasks" in bad.stderr
+
+
+def test_finalize_records_a_crash_as_failed(tmp_path):
+    m = _manifest(tmp_path)
+    log = tmp_path / "task.log"
+    log.write_text("step 1\nTraceback (most recent call last):\nRuntimeError: out of memory\n")
+    s = finalize_task(m, 0, 137, log)
+    assert s["status"] == "failed" and "137" in s["error"] and "out of memory" in s["error"]
+    assert json.loads((Path(m.tasks[0].run_dir) / "summary.json").read_text())["status"] == "failed"
+    # a run that finished and said so is left alone
+    done = {"status": "completed", "final_train_loss": 1.5}
+    Path(m.tasks[1].run_dir).mkdir(parents=True)
+    (Path(m.tasks[1].run_dir) / "summary.json").write_text(json.dumps(done))
+    assert finalize_task(m, 1, 0) == done
+    # exit 0 but the trainer never wrote its summary: not a success
+    assert finalize_task(m, 2, 0)["status"] == "failed"
+
+
+def test_sbatch_command_and_script_syntax(tmp_path):
+    m = _manifest(tmp_path)
+    cmd = sbatch_command(m, SlurmResources(nodes=4, gpus_per_node=8, partition="gpu", max_parallel=2))
+    assert cmd[0] == "sbatch" and cmd[-1].endswith("launch/slurm/sweep_array.sbatch")
+    assert "--array=0-2%2" in cmd and "--nodes=4" in cmd and "--gpus-per-node=8" in cmd and "--partition=gpu" in cmd
+    export = next(c for c in cmd if c.startswith("--export="))
+    assert f"TPB_MANIFEST={m.path}" in export and "TPB_NPROC_PER_NODE=8" in export
+    for script in ("launch/slurm/sweep_array.sbatch", "launch/slurm/local_cluster.sh"):
+        assert subprocess.run(["bash", "-n", str(REPO / script)]).returncode == 0, script
+    with pytest.raises(ValueError, match="time="):
+        SlurmResources(time="4h")
+
+
+def test_submit_cli_dry_run_from_experiment_yaml(tmp_path):
+    sweep_dir = tmp_path / "s"
+    out = subprocess.run(
+        [sys.executable, "launch/slurm/submit.py", "sweep_delayed_comm", "--scale", "tiny", "--dry-run",
+         "--sweep-dir", str(sweep_dir), "--max-parallel", "3"],
+        capture_output=True, text=True, cwd=REPO,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    m = read_manifest(sweep_dir)
+    assert m.sweep == "delayed_comm" and len(m.tasks) + len(m.invalid) == 48 and m.invalid
+    assert f"--array=0-{len(m.tasks) - 1}%3" in out.stdout and "invalid sandwich_s2_i0_n6" in out.stdout
+    bad = subprocess.run([sys.executable, "launch/slurm/submit.py", "sweep_nope", "--dry-run"],
+                         capture_output=True, text=True, cwd=REPO)  # fmt: skip
+    assert bad.returncode == 2 and "no sweep named" in bad.stderr
+
+
+# ---------------------------------------------------------------------------------------------- report
+def _fake_run(run_dir: Path, losses: list[float], status: str | None = "completed", error: str | None = None):
+    """A run directory as the trainer writes it (contracts.md)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with (run_dir / "metrics.jsonl").open("w") as f:
+        for i, loss in enumerate(losses, start=1):
+            f.write(json.dumps({"step": i, "lr": 1e-3, "train_loss": loss, "tokens": 1024 * i, "tokens_per_s": 1.0,
+                                "elapsed_s": float(i)}) + "\n")  # fmt: skip
+    if status is not None:
+        summary = {"status": status, "step": len(losses), "final_train_loss": losses[-1] if losses else None,
+                   "final_eval_loss": None, "params": 1, "tokens_seen": 1024 * len(losses), "arch": "tp_blocks",
+                   "recipe": "sandwich", "lane_count": 1, "flavor": "x", "experiment": "x", "error": error,
+                   "wall_s": 1.0}  # fmt: skip
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+
+
+def test_report_keeps_failed_and_missing_points(tmp_path):
+    m = _manifest(tmp_path, values={"lane_count": [1, 2, 4, 8], "recipe": ["sandwich", "llama"]})
+    runs = {t.name: Path(t.run_dir) for t in m.tasks}
+    _fake_run(runs["sandwich_L1"], [5.0, 4.0, 3.1])
+    _fake_run(runs["sandwich_L2"], [5.0, 4.2, 3.3])
+    _fake_run(runs["sandwich_L4"], [5.0, 4.5], status="failed", error="RuntimeError: boom")
+    _fake_run(runs["sandwich_L8"], [5.0, 4.4], status=None)  # killed: metrics but no summary
+    # llama: never started (no directory)
+    rows = collect([m.sweep_dir])
+    status = {r["name"]: r["status"] for r in rows}
+    assert status == {"sandwich_L1": "completed", "sandwich_L2": "completed", "sandwich_L4": "failed",
+                      "sandwich_L8": "incomplete", "llama": "missing"}  # fmt: skip
+    csv_rows = {r["name"]: r for r in read_csv(write_csv(rows, tmp_path / "out" / "results.csv"))}
+    assert float(csv_rows["sandwich_L1"]["final_train_loss"]) == pytest.approx(3.1)
+    assert csv_rows["sandwich_L4"]["error"] == "RuntimeError: boom" and csv_rows["sandwich_L2"]["lane_count"] == "2"
+    assert int(csv_rows["llama"]["params"]) == next(t.n_params for t in m.tasks if t.name == "llama")
+    [png] = plot_sweep(rows, tmp_path / "out")
+    assert png.name == "fig18_lane_count.png" and png.stat().st_size > 10_000
+
+
+def test_report_cli_on_a_delayed_sweep(tmp_path):
+    m = _manifest(tmp_path, grid="delayed_comm", values={"comm_interleave": [0, 1]})
+    for i, t in enumerate(m.tasks):
+        _fake_run(Path(t.run_dir), [5.0, 4.0 + 0.05 * i])
+    out = subprocess.run([sys.executable, "launch/report.py", m.sweep_dir, "--out", str(tmp_path / "rep")],
+                         capture_output=True, text=True, cwd=REPO)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    rows = read_csv(tmp_path / "rep" / "results.csv")
+    assert len(rows) == 3 * 2 * 4 and sum(r["status"] == "invalid" for r in rows) == len(m.invalid) > 0
+    assert (tmp_path / "rep" / "fig22b_delayed_comm.png").stat().st_size > 10_000
+    assert "invalid" in out.stdout and "completed" in out.stdout
+
+
+def test_extremum_distance_eq12():
+    # disjoint ranges [1, 2] and [3, 4]: gap of 1
+    assert extremum_distance([1.0, 2.0], [3.0, 4.0]) == pytest.approx(1.0)
+    assert extremum_distance([3.0, 4.0], [1.5, 2.0]) == pytest.approx(1.0)
+    # overlapping [1, 3] and [2, 4]: overlap of 1 -> -1
+    assert extremum_distance([1.0, 3.0, 2.0], [2.0, 4.0]) == pytest.approx(-1.0)
+    # one range inside the other: minus the inner range's width
+    assert extremum_distance([0.0, 10.0], [4.0, 6.0]) == pytest.approx(-2.0)
+    a = [([1, 2, 3], [5.0, 4.0, 3.0]), ([1, 2, 3], [5.2, 4.1, 3.2])]
+    b = [([1, 2, 3, 4], [5.1, 4.6, 3.9, 3.5]), ([2, 3], [4.5, 3.6])]
+    steps, d = extremum_distance_curve(a, b)
+    assert steps == [2, 3]
+    assert d == pytest.approx([-(4.1 - 4.5), -(3.2 - 3.6)])
+
+
+def test_seed_variance_figures(tmp_path):
+    m = _manifest(tmp_path, grid="seed_variance", values={"seeds": [2]})
+    g = torch.Generator().manual_seed(0)
+    for t in m.tasks:
+        base = 4.0 if t.coords["arch"] == "burger" else 3.5
+        _fake_run(Path(t.run_dir), [base + 2 / s + 0.05 * float(torch.rand(1, generator=g)) for s in range(1, 9)])
+    paths = plot_sweep(collect([m.sweep_dir]), tmp_path / "rep")
+    assert {p.name for p in paths} == {"fig17b_seed_variance.png", "fig17d_extremum_distance.png"}
+    assert all(p.stat().st_size > 10_000 for p in paths)
+
+
+def test_get_flavor_bases_exist():
+    from tpblocks.sweeps.grids import BASE_FLAVORS
+
+    for flavor in BASE_FLAVORS.values():
+        get_flavor(flavor)
