@@ -93,6 +93,7 @@ class TokenLoader:
             )
         self.next_slot = 0  # global cursor: slots consumed by all ranks together
         self._perm_epoch = -1
+        self._warned_epoch = 0
         self._perm: np.ndarray | None = None
 
     @classmethod
@@ -130,11 +131,13 @@ class TokenLoader:
         return self.next_slot // self.n_sequences
 
     def _order(self, epoch: int) -> np.ndarray | None:
+        if epoch > self._warned_epoch:
+            if epoch > 0:
+                log.warning("data: starting epoch %d over %d sequences (the data repeats)", epoch, self.n_sequences)
+            self._warned_epoch = epoch
         if not self.shuffle:
             return None
         if epoch != self._perm_epoch:
-            if epoch > 0 and epoch > self._perm_epoch:
-                log.warning("data: starting epoch %d over %d sequences (the data repeats)", epoch, self.n_sequences)
             rng = np.random.default_rng([self.seed, epoch])
             dtype = np.uint32 if self.n_sequences < 2**32 else np.uint64
             self._perm = rng.permutation(self.n_sequences).astype(dtype)
