@@ -42,7 +42,8 @@ Copies = dict[str, torch.Tensor]  # name -> how many copies of each local index 
 
 def _take(param: torch.Tensor, dim: int, index: torch.Tensor) -> nn.Parameter:
     """A new parameter holding ``param[index]`` along ``dim`` (its own storage, so the full tensor can go)."""
-    return nn.Parameter(param.detach().index_select(dim, index).clone(), requires_grad=param.requires_grad)
+    taken = param.detach().index_select(dim, index.to(param.device)).clone()
+    return nn.Parameter(taken, requires_grad=param.requires_grad)
 
 
 def _lane_index(lane_count: int, rank: int, world: int) -> torch.Tensor:
@@ -83,11 +84,12 @@ def _all_reduce_rows_hook(model_ref: weakref.ref, rows: torch.Tensor, full_rows:
         comm = model.comm if model is not None else None
         if not getattr(comm, "distributed", False):  # one rank, or the no-communication ceiling
             return grad
+        index = rows.to(grad.device)
         full = grad.new_zeros(full_rows, grad.shape[1])
-        full.index_add_(0, rows, grad)
+        full.index_add_(0, index, grad)
         comm.backward_counter.add("kv_replica_grad", blocking=True)
         dist.all_reduce(full, group=comm.group)
-        return full.index_select(0, rows)
+        return full.index_select(0, index)
 
     return hook
 
@@ -235,7 +237,7 @@ def local_slice(full: torch.Tensor, spec: ShardSpec, name: str) -> torch.Tensor:
     if name not in spec:
         return full
     dim, index = spec[name]
-    return full.index_select(dim, index)
+    return full.index_select(dim, index.to(full.device))
 
 
 # ---------------------------------------------------------------------------------------------- gradient norm
