@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kernels import dispatch as kernel_dispatch
+
 from .layers import rms_norm
 
 
@@ -38,6 +40,11 @@ class Reception(nn.Module):
     def forward(
         self, x_lbsd: torch.Tensor, total_bsd: torch.Tensor, sent_lbsd: torch.Tensor, point: int
     ) -> torch.Tensor:
+        if kernel_dispatch.use_triton(x_lbsd):  # one-pass Triton reception (kernels/reception.py)
+            from kernels import ops
+
+            gate = self.gate[point] if self.gate is not None else None
+            return ops.reception(x_lbsd, total_bsd, sent_lbsd, gate, self.mode, self.lane_count, self.eps)
         others = total_bsd.unsqueeze(0) - sent_lbsd  # sum over lanes j != i, for each local lane i
         if self.mode == "sum":
             return x_lbsd + others

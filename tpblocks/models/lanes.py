@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import dispatch as kernel_dispatch
+
 from .kv_cache import KVCache
 from .layers import DecoderLayer, RotaryEmbedding, attend, rms_norm
 
@@ -88,6 +90,10 @@ class LaneLayer(nn.Module):
 
     def forward(self, x_lbsd: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         x_lbsd = x_lbsd + self.attention(x_lbsd, cache)
+        if self.burger_write and kernel_dispatch.use_triton(x_lbsd):
+            from kernels import ops  # Triton: down-projection of all lanes straight into their own slices
+
+            return ops.lane_down_into_own_slice(x_lbsd, self.ffn_activation(x_lbsd), self.w_down, self.lane_offset)
         ffn_out = self.feed_forward(x_lbsd)
         if self.burger_write:
             return add_into_own_slice(x_lbsd, ffn_out, self.lane_offset)
@@ -108,8 +114,17 @@ class LaneLayer(nn.Module):
         return lane_matmul(o_lbsf, self.wo)
 
     def feed_forward(self, x_lbsd: torch.Tensor) -> torch.Tensor:
+        return lane_matmul(self.ffn_activation(x_lbsd), self.w_down)
+
+    def ffn_activation(self, x_lbsd: torch.Tensor) -> torch.Tensor:
+        """silu(xn W_gate) * (xn W_up) of the normed input, (l, b, s, f)."""
         xn = rms_norm(x_lbsd, self.ffn_norm[:, None, None, :], self.eps)
-        return lane_matmul(F.silu(lane_matmul(xn, self.w_gate)) * lane_matmul(xn, self.w_up), self.w_down)
+        g_lbsf, u_lbsf = lane_matmul(xn, self.w_gate), lane_matmul(xn, self.w_up)
+        if kernel_dispatch.use_triton(g_lbsf):
+            from kernels import ops  # fused Triton SwiGLU (kernels/swiglu.py)
+
+            return ops.swiglu(g_lbsf, u_lbsf)
+        return F.silu(g_lbsf) * u_lbsf
 
     @torch.no_grad()
     def load_dense_(self, lane: int, layer: DecoderLayer) -> None:
