@@ -1,6 +1,7 @@
 """Test-wide settings: offline hubs, offline wandb, Triton interpreter, deterministic seeds."""
 
 import os
+from pathlib import Path
 
 # Must be set before any kernel module is imported (the @triton.jit decorator reads it).
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -8,8 +9,10 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One data cache for the whole test session (and later local runs): the embedded corpus and its tokenizer are
+# built once instead of in every test's temporary directory. Ignored by git.
+os.environ.setdefault("TPBLOCKS_CACHE", str(Path(__file__).resolve().parents[1] / ".cache" / "test"))
 
-from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
