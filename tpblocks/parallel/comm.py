@@ -26,14 +26,19 @@ import torch.distributed as dist
 from ..models.comm import Communicator, PendingSum, SyncCounter
 
 
+def _sum_over_lane_group(x: torch.Tensor, comm: MeshComm) -> torch.Tensor:
+    """A new tensor holding the sum of ``x`` over the lane group (``x`` itself untouched)."""
+    total = x.contiguous().clone()
+    dist.all_reduce(total, group=comm.group)
+    return total
+
+
 class _ReduceFromLanes(torch.autograd.Function):
     """g: all-reduce forward, identity backward."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, comm: MeshComm) -> torch.Tensor:
-        y = x.contiguous().clone()
-        dist.all_reduce(y, group=comm.group)
-        return y
+        return _sum_over_lane_group(x, comm)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -50,11 +55,8 @@ class _CopyToLanes(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        comm: MeshComm = ctx.comm
-        comm.backward_counter.add("tp_enter", blocking=True)
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=comm.group)
-        return grad, None
+        ctx.comm.backward_counter.add("tp_enter", blocking=True)
+        return _sum_over_lane_group(grad, ctx.comm), None
 
 
 class _GatherLastDim(torch.autograd.Function):
@@ -91,11 +93,8 @@ class _AttachSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        comm: MeshComm = ctx.comm
-        comm.backward_counter.add("lane_sum", blocking=True)
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=comm.group)
-        return grad, None, None
+        ctx.comm.backward_counter.add("lane_sum", blocking=True)
+        return _sum_over_lane_group(grad, ctx.comm), None, None
 
 
 class PendingAllReduce(PendingSum):
