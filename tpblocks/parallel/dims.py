@@ -13,6 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
 from ..models.config import ModelConfig
 
 
@@ -80,11 +83,8 @@ class ParallelDims:
         check_lane_degree(cfg, self.lane)
 
     # ------------------------------------------------------------------ mesh
-    def build_mesh(self, device_type: str = "cpu"):
+    def build_mesh(self, device_type: str = "cpu") -> DeviceMesh:
         """A ``DeviceMesh`` of shape (dp, lane) with dims named ("dp", "lane"). Needs an initialised process group."""
-        import torch.distributed as dist
-        from torch.distributed.device_mesh import init_device_mesh
-
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
                 "build_mesh needs torch.distributed initialised; call tpblocks.parallel.init_distributed() first "
@@ -124,8 +124,6 @@ def check_lane_degree(cfg: ModelConfig, lane: int) -> None:
 
 
 def _default_world_size() -> int:
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
     return 1
