@@ -1,0 +1,274 @@
+"""Typed run configuration: the Hydra tree (conf/) composed into frozen, validated dataclasses.
+
+Hydra composes YAML into an ``omegaconf.DictConfig``; ``RunConfig.from_dictconfig`` turns it into the typed
+objects below, each of which checks itself in ``__post_init__`` and raises a ``ValueError`` naming the field
+(``train.tokens_per_step=1000 is not a multiple of ...``) before any process group, model or data exists.
+
+Groups and the dataclass each becomes:
+  model      ModelChoice   -> tpblocks.models.ModelConfig  (a zoo ``flavor`` + field ``overrides`` [+ ``budget``])
+  data       tpblocks.data.DataConfig                       (owned by tpblocks/data/)
+  optim      OptimConfig     AdamW (the only optimizer of the report's protocol, Table 6)
+  scheduler  SchedulerConfig cosine (1 cycle) | wsd (warm-up, stable, decay)
+  trainer    TrainerConfig   backend ddp | deepspeed (ZeRO-1/2)
+  train      TrainConfig     steps, effective batch in tokens, micro-batch, eval/log/checkpoint cadence
+  wandb      WandbConfig     offline by default, online when asked, disabled = never imported
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from tpblocks.models import ModelConfig, get_flavor, solve_hidden_size
+from tpblocks.models.flavors import FLAVORS
+
+PRECISIONS = ("auto", "bf16", "fp32")
+SCHEDULERS = ("cosine", "wsd")
+BACKENDS = ("ddp", "deepspeed")
+WANDB_MODES = ("offline", "online", "disabled")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _positive(section: str, obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _require(value > 0, f"{section}.{name}={value} must be > 0")
+
+
+# ---------------------------------------------------------------------------------------------------- model
+@dataclass(frozen=True, kw_only=True)
+class ModelChoice:
+    """A zoo flavor plus field overrides; ``budget`` (parameters) re-solves the hidden size (report §6.1)."""
+
+    flavor: str = "debug_burger"
+    overrides: dict = field(default_factory=dict)
+    budget: int | None = None
+
+    def __post_init__(self) -> None:
+        known_flavors = ", ".join(sorted(FLAVORS))
+        _require(self.flavor in FLAVORS, f"model.flavor={self.flavor!r} is unknown; known: {known_flavors}")
+        known = {f.name for f in dataclasses.fields(ModelConfig)}
+        unknown = sorted(set(self.overrides) - known)
+        _require(not unknown, f"model.overrides has unknown field(s) {unknown}; ModelConfig fields: {sorted(known)}")
+        _require(self.budget is None or self.budget > 0, f"model.budget={self.budget} must be a positive integer")
+
+    def build(self) -> ModelConfig:
+        """The ModelConfig to train (flavor -> overrides -> budget). Errors name ``model.*``."""
+        try:
+            cfg = get_flavor(self.flavor, **self.overrides)
+            if self.budget is not None:
+                cfg = solve_hidden_size(cfg, int(self.budget))
+                cfg = cfg.replace(extra={**cfg.extra, "budget": int(self.budget)})
+        except ValueError as err:
+            raise ValueError(f"model (flavor={self.flavor!r}): {err}") from err
+        return cfg
+
+
+# ---------------------------------------------------------------------------------------------------- optim
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    """AdamW (Table 6). ``lr`` defaults to 3e-4: §5.3.4 settles on it after the variance study (Table 6's 0.003
+    predates it and caused loss spikes, §5.3.3)."""
+
+    name: str = "adamw"
+    lr: float = 3e-4
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+
+    def __post_init__(self) -> None:
+        _require(self.name == "adamw", f"optim.name={self.name!r} is unknown; only 'adamw' is implemented")
+        _positive("optim", self, "lr", "eps")
+        _require(self.weight_decay >= 0, f"optim.weight_decay={self.weight_decay} must be >= 0")
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            _require(0 <= value < 1, f"optim.{name}={value} must be in [0, 1)")
+        _require(self.grad_clip >= 0, f"optim.grad_clip={self.grad_clip} must be >= 0 (0 disables clipping)")
+
+
+# ---------------------------------------------------------------------------------------------------- scheduler
+@dataclass(frozen=True, kw_only=True)
+class SchedulerConfig:
+    """Learning-rate shape as a multiple of ``optim.lr`` (see tpblocks/train/schedulers.py)."""
+
+    name: str = "cosine"
+    warmup_fraction: float = 0.1  # Table 6: 10% of the steps
+    min_lr_ratio: float = 0.0  # floor of the cosine / end of the WSD decay, as a fraction of optim.lr
+    decay_fraction: float = 0.2  # wsd only: the last 20% of the steps decay linearly (Hägele et al. 2024)
+
+    def __post_init__(self) -> None:
+        _require(self.name in SCHEDULERS, f"scheduler.name={self.name!r} is unknown; choose one of {SCHEDULERS}")
+        _require(0 <= self.warmup_fraction < 1, f"scheduler.warmup_fraction={self.warmup_fraction} must be in [0, 1)")
+        _require(0 <= self.min_lr_ratio <= 1, f"scheduler.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        _require(0 < self.decay_fraction <= 1, f"scheduler.decay_fraction={self.decay_fraction} must be in (0, 1]")
+        if self.name == "wsd":
+            _require(
+                self.warmup_fraction + self.decay_fraction <= 1,
+                f"scheduler.warmup_fraction + scheduler.decay_fraction = "
+                f"{self.warmup_fraction + self.decay_fraction} must be <= 1 (no room left for the stable phase)",
+            )
+
+
+# ---------------------------------------------------------------------------------------------------- trainer
+@dataclass(frozen=True, kw_only=True)
+class TrainerConfig:
+    """Data-parallel backend. ``device=auto`` takes CUDA when present (nccl) and the CPU otherwise (gloo)."""
+
+    backend: str = "ddp"
+    device: str = "auto"
+    zero_stage: int = 1  # deepspeed only
+    dist_timeout_s: int = 1800
+
+    def __post_init__(self) -> None:
+        _require(self.backend in BACKENDS, f"trainer.backend={self.backend!r} is unknown; choose one of {BACKENDS}")
+        _require(self.device in DEVICES, f"trainer.device={self.device!r} is unknown; choose one of {DEVICES}")
+        _require(
+            self.zero_stage in (0, 1, 2),
+            f"trainer.zero_stage={self.zero_stage} is not supported; use 1 or 2 (0 = plain data parallel)",
+        )
+        _positive("trainer", self, "dist_timeout_s")
+
+
+# ---------------------------------------------------------------------------------------------------- train
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Steps and batch. The effective batch is ``tokens_per_step`` tokens, reached by gradient accumulation:
+    accumulation = tokens_per_step / (micro_batch x seq_len x world_size), which must be a whole number."""
+
+    max_steps: int = 200
+    tokens_per_step: int = 8192  # Table 6 uses 1M (2^20); experiments set it
+    micro_batch: int = 8  # sequences per rank per forward pass
+    precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
+    eval_every: int = 50  # steps between held-out evaluations (also at step 1 and the last step); 0 = never
+    eval_tokens: int = 65536  # held-out tokens per evaluation (the protocol keeps 400k; smaller here = faster)
+    eval_batch: int = 8
+    log_every: int = 1
+    checkpoint_every: int = 100  # 0 = only at the end
+    keep_checkpoints: int = 2  # newest kept; older complete checkpoints are deleted
+    resume: str = "auto"  # auto = latest complete checkpoint of run_dir if any; none = start fresh; or a path
+    compile: bool = False  # torch.compile the model (worth it on GPU; cold compiles cost minutes on CPU)
+    progress: bool = True  # tqdm bar on rank 0
+
+    def __post_init__(self) -> None:
+        _positive("train", self, "max_steps", "tokens_per_step", "micro_batch", "eval_tokens", "eval_batch")
+        _positive("train", self, "log_every", "keep_checkpoints")
+        for name in ("eval_every", "checkpoint_every"):
+            value = getattr(self, name)
+            _require(value >= 0, f"train.{name}={value} must be >= 0 (0 disables it)")
+        _require(self.precision in PRECISIONS, f"train.precision={self.precision!r} must be one of {PRECISIONS}")
+        _require(bool(self.resume), "train.resume must be 'auto', 'none' or a checkpoint path")
+
+    def grad_accumulation(self, seq_len: int, world_size: int) -> int:
+        """Micro-steps per optimizer step; ValueError when the effective batch cannot be reached exactly."""
+        per_pass = self.micro_batch * seq_len * world_size
+        if self.tokens_per_step % per_pass:
+            lower = max(per_pass, self.tokens_per_step // per_pass * per_pass)
+            raise ValueError(
+                f"train.tokens_per_step={self.tokens_per_step} is not a multiple of train.micro_batch "
+                f"({self.micro_batch}) x data.seq_len ({seq_len}) x world size ({world_size}) = {per_pass}; "
+                f"use e.g. train.tokens_per_step={lower} or {lower + per_pass}, or change train.micro_batch"
+            )
+        return self.tokens_per_step // per_pass
+
+
+# ---------------------------------------------------------------------------------------------------- wandb
+@dataclass(frozen=True, kw_only=True)
+class WandbConfig:
+    """Weights & Biases. ``offline`` writes <run_dir>/wandb (sync later with ``wandb sync``); ``disabled`` never
+    imports wandb. The YAML default reads the WANDB_MODE environment variable, so CI can force a mode."""
+
+    mode: str = "offline"
+    project: str = "tpblocks"
+    entity: str | None = None
+    name: str | None = None
+    tags: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _require(self.mode in WANDB_MODES, f"wandb.mode={self.mode!r} is unknown; choose one of {WANDB_MODES}")
+
+
+# ---------------------------------------------------------------------------------------------------- run
+def _section(cls, values: dict | None, name: str):
+    values = dict(values or {})
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    _require(not unknown, f"{name} has unknown key(s) {unknown}; known keys: {sorted(known)}")
+    if "tags" in values and values["tags"] is not None:
+        values["tags"] = tuple(values["tags"])
+    return cls(**values)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """Everything one training run needs, validated. ``model`` is the resolved ModelConfig."""
+
+    model: ModelConfig
+    model_choice: ModelChoice
+    data: Any  # tpblocks.data.DataConfig (typed there; kept Any so this module imports without tpblocks.data)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    seed: int = 0
+    run_dir: str = "outputs/run"
+    name: str = "default"  # experiment name (summary.json "experiment", wandb run name)
+
+    def __post_init__(self) -> None:
+        _require(bool(self.run_dir), "run_dir must be a non-empty path")
+        _require(self.seed >= 0, f"seed={self.seed} must be >= 0")
+        seq_len = self.seq_len
+        _require(seq_len > 0, f"data.seq_len={seq_len} must be > 0")
+        _require(
+            self.model.max_seq_len >= seq_len,
+            f"data.seq_len={seq_len} exceeds the model's max_seq_len={self.model.max_seq_len}; "
+            f"lower data.seq_len or set model.overrides.max_seq_len={seq_len}",
+        )
+        # The world size is only known at launch; world 1 at least must fit (the trainer re-checks with the real one).
+        self.train.grad_accumulation(seq_len, 1)
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.data.seq_len)
+
+    @property
+    def flavor(self) -> str:
+        return self.model_choice.flavor
+
+    @classmethod
+    def from_dictconfig(cls, cfg: Any) -> RunConfig:
+        """Build from a composed Hydra config (DictConfig or plain dict). Raises ValueError naming the field."""
+        from omegaconf import DictConfig, OmegaConf
+
+        from tpblocks.data import DataConfig
+
+        raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+        for key in ("model", "data"):
+            _require(key in raw and raw[key] is not None, f"the config has no '{key}' group; add {key}=... ")
+        model_raw = dict(raw["model"])
+        model_raw["overrides"] = dict(model_raw.get("overrides") or {})
+        choice = _section(ModelChoice, model_raw, "model")
+        try:
+            data = _section(DataConfig, raw["data"], "data")
+        except TypeError as err:  # a DataConfig without kw_only checks
+            raise ValueError(f"data: {err}") from err
+        top = {k: raw[k] for k in ("seed", "run_dir", "name") if raw.get(k) is not None}
+        return cls(
+            model=choice.build(),
+            model_choice=choice,
+            data=data,
+            optim=_section(OptimConfig, raw.get("optim"), "optim"),
+            scheduler=_section(SchedulerConfig, raw.get("scheduler"), "scheduler"),
+            trainer=_section(TrainerConfig, raw.get("trainer"), "trainer"),
+            train=_section(TrainConfig, raw.get("train"), "train"),
+            wandb=_section(WandbConfig, raw.get("wandb"), "wandb"),
+            **top,
+        )

@@ -1,0 +1,245 @@
+"""Data-parallel backends for the trainer: plain/DDP and DeepSpeed ZeRO-1/2, behind one small interface.
+
+``init_distributed`` reads the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK); without it the run is a
+single process and no process group is created (DDP is then the identity). gloo on CPU, nccl on CUDA.
+
+A backend owns the forward/backward of one micro-batch and the optimizer update; the trainer owns the loop:
+
+    for j in range(accum):  loss_j = backend.forward_backward(x, y, last=(j == accum - 1))
+    check the (rank-averaged) loss is finite        # before any update: a NaN never reaches the weights
+    grad_norm = backend.clip_grad()                 # DDP: clip here; DeepSpeed: clips inside its step
+    backend.apply()                                 # optimizer step + zero grads
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import warnings
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from tpblocks.config import RunConfig
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+
+def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistEnv:
+    """Process group from the torchrun environment (none for a plain single process)."""
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("trainer.device=cuda but no CUDA device is visible; use trainer.device=auto or cpu")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+    return DistEnv(rank=rank, world=world, local_rank=local_rank, device=dev)
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a few floats over ranks (one small all-reduce)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """[obj of rank 0, obj of rank 1, ...] on every rank."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def compute_loss(logits_bsv: torch.Tensor, targets_bs: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy, computed in fp32 whatever the autocast dtype."""
+    return F.cross_entropy(logits_bsv.float().flatten(0, 1), targets_bs.flatten())
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 for ``precision=bf16`` (or ``auto`` on CUDA); None means plain fp32."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+class DDPBackend:
+    """torch DDP (identity for one process); bf16 through autocast, fp32 master weights."""
+
+    name = "ddp"
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: RunConfig, env: DistEnv, accum: int):
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        self.module, self.optimizer, self.env, self.accum = model, optimizer, env, accum
+        self.grad_clip = cfg.optim.grad_clip
+        self.dtype = autocast_dtype(cfg.train.precision, env.device)
+        ids = [env.device.index] if env.device.type == "cuda" else None
+        self.wrapped = DDP(model, device_ids=ids) if env.distributed else model
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.env.device.type, dtype=self.dtype)
+
+    def forward_backward(self, inputs_bs: torch.Tensor, targets_bs: torch.Tensor, last: bool) -> torch.Tensor:
+        # Gradients are all-reduced only on the last micro-batch (no_sync elsewhere): one sync per update.
+        sync = contextlib.nullcontext() if (last or not self.env.distributed) else self.wrapped.no_sync()
+        with sync:
+            with self.autocast():
+                logits = self.wrapped(inputs_bs)
+            loss = compute_loss(logits, targets_bs)
+            (loss / self.accum).backward()
+        return loss.detach()
+
+    def clip_grad(self) -> float:
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+    def apply(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def optimizer_state(self) -> dict | None:
+        return self.optimizer.state_dict()
+
+    def load_optimizer_state(self, state: dict | None, ckpt: Path) -> None:
+        if state is None:
+            raise ValueError(f"{ckpt} was written by trainer=deepspeed; resume it with trainer=deepspeed")
+        self.optimizer.load_state_dict(state)
+
+    def save_extra(self, tmp: Path) -> None:  # everything fits in trainer.pt
+        pass
+
+
+def import_deepspeed():
+    """Import DeepSpeed without its CPU JIT op build and its FutureWarnings (TOOLCHAIN.md §4).
+
+    ``deepspeed.comm.torch.build_shm_op`` compiles a shared-memory all-reduce used only by CPU inference
+    (40-70 s of gcc per fresh machine); training never calls it. ``import deepspeed.comm.torch as x`` would give
+    the real torch package (deepspeed.comm re-exports a name ``torch``), hence importlib.
+    """
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"deepspeed(\.|$)")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"deepspeed(\.|$)")
+    import deepspeed
+
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    return deepspeed
+
+
+class DeepSpeedBackend:
+    """DeepSpeed ZeRO-1/2 with the client torch AdamW (no "optimizer" section, so no fused-op JIT build)."""
+
+    name = "deepspeed"
+    tag = "state"
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: RunConfig, env: DistEnv, accum: int):
+        deepspeed = import_deepspeed()
+        if not env.distributed:  # DeepSpeed always wants a process group, even for one rank
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("RANK", "0")
+            os.environ.setdefault("WORLD_SIZE", "1")
+            os.environ.setdefault("LOCAL_RANK", "0")
+            dist.init_process_group(backend="nccl" if env.device.type == "cuda" else "gloo")
+        self.module, self.optimizer, self.env = model, optimizer, env
+        bf16 = autocast_dtype(cfg.train.precision, env.device) is not None
+        ds_config = {
+            "train_micro_batch_size_per_gpu": cfg.train.micro_batch,
+            "gradient_accumulation_steps": accum,
+            "train_batch_size": cfg.train.micro_batch * accum * env.world,
+            "gradient_clipping": cfg.optim.grad_clip,
+            "zero_optimization": {"stage": cfg.trainer.zero_stage},
+            "bf16": {"enabled": bf16},
+            "steps_per_print": 1 << 30,
+            "wall_clock_breakdown": False,
+        }
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+
+    def forward_backward(self, inputs_bs: torch.Tensor, targets_bs: torch.Tensor, last: bool) -> torch.Tensor:
+        loss = compute_loss(self.engine(inputs_bs), targets_bs)
+        self.engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
+        if not last:
+            self.engine.step()  # not a boundary: only advances DeepSpeed's micro-step counter
+        return loss.detach().float()
+
+    def clip_grad(self) -> float:
+        return float("nan")  # clipped inside engine.step(); the norm is read after it (grad_norm_after_step)
+
+    def apply(self) -> None:
+        self.engine.step()
+
+    def grad_norm_after_step(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def optimizer_state(self) -> dict | None:
+        return None  # ZeRO-partitioned: written by save_extra
+
+    def load_optimizer_state(self, state: dict | None, ckpt: Path) -> None:
+        if not (ckpt / "deepspeed").is_dir():
+            raise ValueError(
+                f"{ckpt} holds no deepspeed/ state (it was written by trainer=ddp); resume with trainer=ddp"
+            )
+        self.engine.load_checkpoint(
+            str(ckpt / "deepspeed"), tag=self.tag, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+
+    def save_extra(self, tmp: Path) -> None:
+        self.engine.save_checkpoint(str(tmp / "deepspeed"), tag=self.tag)  # collective: every rank calls it
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_backend(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: RunConfig, env: DistEnv, accum: int):
+    cls = DeepSpeedBackend if cfg.trainer.backend == "deepspeed" else DDPBackend
+    return cls(model, optimizer, cfg, env, accum)

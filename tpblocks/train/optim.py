@@ -1,0 +1,51 @@
+"""AdamW with weight decay on weight matrices only.
+
+Decay rule (one rule, applied by name and shape):
+  decayed      every weight matrix: attention and FFN projections (stacked lane weights ``(l, in, out)`` too)
+               and the token embedding, which is also the output head when tied (Table 6 ties them). This is
+               nanoGPT/Llama practice: the embedding is a matrix like the others and the tied head needs the
+               same regularisation as an untied one would get.
+  not decayed  norm gains (RMSNorm ``weight``; lane norms ``attn_norm``/``ffn_norm`` are (lanes, width), so a
+               plain ``dim >= 2`` test would wrongly decay them) and the delayed-communication reception
+               ``gate`` (zero-initialised: decay would pull it back to "don't listen"), and any 1-D tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tpblocks.config import OptimConfig
+
+_NO_DECAY_LEAVES = ("gate",)
+
+
+def is_decayed(name: str, param: torch.Tensor) -> bool:
+    """True when ``param`` (called ``name`` in ``model.named_parameters()``) gets weight decay."""
+    if param.dim() < 2:
+        return False
+    leaf = name.rsplit(".", 1)[-1]
+    parts = name.split(".")
+    if leaf in _NO_DECAY_LEAVES or "norm" in leaf or any("norm" in p for p in parts[:-1]):
+        return False
+    return True
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW parameter groups, decayed and not; tied weights appear once (named_parameters dedups)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if is_decayed(name, p) else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """torch AdamW over ``model`` (also the client optimizer handed to DeepSpeed)."""
+    groups = [g for g in param_groups(model, cfg.weight_decay) if g["params"]]
+    # foreach is the fast path on CPU and GPU; fused needs CUDA (or a recent CPU build) and is left to torch.
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)

@@ -1,0 +1,362 @@
+"""The training loop: typed config -> data -> model -> backend -> steps, eval, checkpoints, metrics.
+
+``run(cfg)`` is what ``launch/train.py`` calls (also importable from tests and notebooks). One optimizer update
+("step") consumes ``train.tokens_per_step`` tokens: ``accum`` micro-batches of ``micro_batch x seq_len`` tokens
+on each of ``world`` ranks. Rank r reads its own share of the deterministic token stream (TokenLoader), so
+one rank with accumulation 2 and two ranks with accumulation 1 see the same tokens per step and give the same
+losses up to float re-association (tests/test_train_distributed.py).
+
+Divergence: a non-finite (rank-averaged) loss or gradient norm stops the run *before* the update, with a message
+naming the step; the last good checkpoint is left untouched and summary.json says ``"status": "diverged"``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tpblocks.config import RunConfig
+from tpblocks.models import build_model, total_parameters
+from tpblocks.models.io import model_payload
+
+from . import checkpoint as ckpt_io
+from .distributed import (
+    DistEnv,
+    all_reduce_sum,
+    autocast_dtype,
+    barrier,
+    broadcast_object,
+    build_backend,
+    compute_loss,
+    gather_objects,
+    init_distributed,
+)
+from .metrics import MetricsWriter, init_wandb, write_json
+from .optim import build_optimizer
+from .schedulers import build_scheduler, load_scheduler_state
+
+
+class TrainingDiverged(RuntimeError):
+    """Loss or gradient norm became NaN/inf."""
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % (1 << 32))
+    random.seed(seed)
+
+
+def _say(env: DistEnv, message: str) -> None:
+    if env.is_main:
+        print(message, file=sys.stderr, flush=True)
+
+
+class Trainer:
+    """One run. Construct on every rank, then ``fit()``; returns the summary dict (the same on every rank)."""
+
+    def __init__(self, cfg: RunConfig, config_yaml: str = ""):
+        self.cfg = cfg
+        self.config_yaml = config_yaml
+        self.start_time = time.time()
+        self.step = 0
+        self.tokens_seen = 0
+        self.prior_elapsed = 0.0
+        self.last_train_loss: float | None = None
+        self.last_eval_loss: float | None = None
+
+    # ------------------------------------------------------------------ setup
+    def _setup_run_dir(self) -> None:
+        env = self.env
+        run_dir = Path(broadcast_object(str(Path(self.cfg.run_dir).resolve())))
+        self.run_dir = run_dir
+        if env.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(self.config_yaml)
+            write_json(run_dir / "model_config.json", self.cfg.model.to_dict())
+        barrier()
+        _say(env, f"run dir: {run_dir}")
+
+    def _setup_data(self) -> None:
+        from tpblocks.data import TokenLoader, heldout_batches, prepare_data
+
+        cfg, env = self.cfg, self.env
+        # Local rank 0 of each node prepares (tokenizer training, shard writing) into the cache; the other ranks
+        # wait for its files (prepare_data polls up to data.prepare_timeout_s, longer than a barrier's timeout).
+        prepared = prepare_data(cfg.data, rank=env.local_rank, world=env.world)
+        barrier()
+        self.prepared = prepared
+        if prepared.vocab_size > cfg.model.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {prepared.vocab_size} tokens but the model's vocab_size is "
+                f"{cfg.model.vocab_size}; set model.overrides.vocab_size={prepared.vocab_size} (or larger)"
+            )
+        self.loader = TokenLoader.from_prepared(
+            prepared, cfg.seq_len, cfg.train.micro_batch, env.rank, env.world, cfg.data.seed, shuffle=cfg.data.shuffle
+        )
+        self.heldout = []
+        if cfg.train.eval_every:
+            self.heldout = heldout_batches(
+                prepared, cfg.seq_len, cfg.train.eval_batch, cfg.train.eval_tokens, env.rank, env.world
+            )
+            (n_batches,) = all_reduce_sum([len(self.heldout)], env.device)
+            if n_batches == 0:
+                raise ValueError(
+                    "the held-out set is empty (data.heldout_tokens=0?); set data.heldout_tokens > 0 or "
+                    "train.eval_every=0 to train without evaluation"
+                )
+
+    def _setup_model(self) -> None:
+        cfg, env = self.cfg, self.env
+        self.accum = cfg.train.grad_accumulation(cfg.seq_len, env.world)
+        seed_everything(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's weights)
+        model = build_model(cfg.model).to(env.device)
+        self.model = model
+        self.optimizer = build_optimizer(model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.scheduler, cfg.train.max_steps)
+        self.backend = build_backend(model, self.optimizer, cfg, env, self.accum)
+        if cfg.train.compile:
+            self.backend.wrapped = torch.compile(self.backend.wrapped)
+        _say(
+            env,
+            f"model {cfg.flavor} ({cfg.model.arch}): {total_parameters(cfg.model):,} parameters | world {env.world} "
+            f"x micro_batch {cfg.train.micro_batch} x seq_len {cfg.seq_len} x accum {self.accum} = "
+            f"{cfg.train.tokens_per_step:,} tokens/step | backend {cfg.trainer.backend} on {env.device}",
+        )
+
+    def _maybe_resume(self) -> None:
+        cfg, env = self.cfg, self.env
+        path = ckpt_io.resolve_resume(cfg.train.resume, self.run_dir) if env.is_main else None
+        path = broadcast_object(str(path) if path is not None else None)
+        self.resumed_from = None
+        if path is None:
+            return
+        path = Path(path)
+        state = ckpt_io.load_trainer_state(path)
+        if state["world_size"] != env.world and cfg.trainer.backend == "deepspeed":
+            raise ValueError(
+                f"checkpoint {path} was written by {state['world_size']} rank(s) but this run has {env.world}; "
+                f"ZeRO optimizer partitions are per rank: resume trainer=deepspeed with the same number of ranks"
+            )
+        payload = ckpt_io.load_model_state(path)
+        self.model.load_state_dict(payload["model"])
+        self.backend.load_optimizer_state(state["optimizer"], path)
+        load_scheduler_state(self.scheduler, state["scheduler"], cfg.train.max_steps)
+        self.loader.load_state_dict(state["loader"][0])  # the global cursor, the same on every rank
+        if env.rank < len(state["rng"]):
+            ckpt_io.set_rng_state(state["rng"][env.rank])
+        self.step = int(state["step"])
+        self.tokens_seen = int(state["tokens_seen"])
+        self.prior_elapsed = float(state["elapsed_s"])
+        self.last_train_loss = state.get("train_loss")
+        self.last_eval_loss = state.get("eval_loss")
+        self.resumed_from = path
+        _say(env, f"resumed from {path} (step {self.step})")
+
+    # ------------------------------------------------------------------ pieces of a step
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean held-out loss over all ranks' batches (token-weighted)."""
+        self.model.eval()
+        dtype = autocast_dtype(self.cfg.train.precision, self.env.device)
+        total, count = 0.0, 0.0
+        for inputs, targets in self.heldout:
+            inputs, targets = inputs.to(self.env.device), targets.to(self.env.device)
+            with torch.autocast(self.env.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                logits = self.model(inputs)
+            total += float(compute_loss(logits, targets)) * targets.numel()
+            count += targets.numel()
+        self.model.train()
+        total, count = all_reduce_sum([total, count], self.env.device)
+        return total / count
+
+    def save_checkpoint(self) -> None:
+        env = self.env
+        tmp = ckpt_io.prepare_tmp(self.run_dir, self.step) if env.is_main else None
+        barrier()
+        tmp = ckpt_io.tmp_dir(self.run_dir, self.step)
+        self.backend.save_extra(tmp)
+        rngs = gather_objects(ckpt_io.rng_state())
+        loaders = [self.loader.state_dict()]  # one global cursor (tpblocks/data/loader.py)
+        if env.is_main:
+            payload = model_payload(self.model)
+            payload["model"] = {k: v.float() if v.is_floating_point() else v for k, v in payload["model"].items()}
+            state = {
+                "step": self.step,
+                "optimizer": self.backend.optimizer_state(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": rngs,
+                "loader": loaders,
+                "world_size": env.world,
+                "tokens_seen": self.tokens_seen,
+                "elapsed_s": self.elapsed(),
+                "train_loss": self.last_train_loss,
+                "eval_loss": self.last_eval_loss,
+            }
+            ckpt_io.write_files(tmp, payload, state)
+            ckpt_io.publish(self.run_dir, self.step, self.cfg.train.keep_checkpoints)
+        barrier()
+
+    def elapsed(self) -> float:
+        return self.prior_elapsed + time.time() - self.start_time
+
+    def train_step(self) -> dict:
+        """One optimizer update. Raises TrainingDiverged before touching the weights on NaN/inf."""
+        cfg, env = self.cfg, self.env
+        t0 = time.time()
+        losses = []
+        for j in range(self.accum):
+            inputs, targets = self.loader.next_batch()
+            inputs, targets = inputs.to(env.device), targets.to(env.device)
+            losses.append(self.backend.forward_backward(inputs, targets, last=j == self.accum - 1))
+        local = float(torch.stack(losses).float().mean())
+        (loss_sum,) = all_reduce_sum([local], env.device)
+        train_loss = loss_sum / env.world
+        step = self.step + 1
+        if not math.isfinite(train_loss):
+            raise TrainingDiverged(f"train loss is {train_loss} at step {step}")
+        grad_norm = self.backend.clip_grad()
+        if self.backend.name == "ddp" and not math.isfinite(grad_norm):
+            raise TrainingDiverged(f"gradient norm is {grad_norm} at step {step} (loss {train_loss:.4f})")
+        lr = self.scheduler.get_last_lr()[0]  # the lr this update uses
+        self.backend.apply()
+        if self.backend.name == "deepspeed":
+            grad_norm = self.backend.grad_norm_after_step()
+        self.scheduler.step()
+        self.step = step
+        self.tokens_seen += cfg.train.tokens_per_step
+        self.last_train_loss = train_loss
+        dt = time.time() - t0
+        return {
+            "step": step,
+            "lr": lr,
+            "train_loss": train_loss,
+            "tokens": self.tokens_seen,
+            "tokens_per_s": cfg.train.tokens_per_step / max(dt, 1e-9),
+            "elapsed_s": round(self.elapsed(), 3),
+            "grad_norm": grad_norm,
+        }
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> dict:
+        cfg = self.cfg
+        self.env = env = init_distributed(cfg.trainer.device, cfg.trainer.dist_timeout_s)
+        self.run_dir = Path(cfg.run_dir).resolve()
+        status, error = "failed", None
+        writer, wandb_run, bar = None, None, None
+        try:
+            self._setup_run_dir()
+            self._setup_data()
+            self._setup_model()
+            self._maybe_resume()
+            if env.is_main:
+                wandb_run = init_wandb(cfg.wandb, self.run_dir, _config_dict(self.config_yaml))
+                writer = MetricsWriter(self.run_dir, self.step if self.resumed_from else None, wandb_run)
+            bar = _progress(env, cfg, self.step)
+            train = cfg.train
+            while self.step < train.max_steps:
+                record = self.train_step()
+                step = record["step"]
+                if train.eval_every and (step == 1 or step % train.eval_every == 0 or step == train.max_steps):
+                    record["eval_loss"] = self.last_eval_loss = self.evaluate()
+                if writer is not None and (step % train.log_every == 0 or "eval_loss" in record):
+                    writer.log(record)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{record['train_loss']:.3f}", lr=f"{record['lr']:.2e}", refresh=False)
+                if (train.checkpoint_every and step % train.checkpoint_every == 0) or step == train.max_steps:
+                    self.save_checkpoint()
+            status = "completed"
+        except TrainingDiverged as err:
+            status, error = "diverged", f"{err}; stopped without updating the weights"
+            last = ckpt_io.latest_checkpoint(self.run_dir)
+            error += f"; last good checkpoint: {last}" if last else "; no checkpoint had been written yet"
+            _say(env, f"DIVERGED: {error}")
+        except BaseException as err:  # summary.json is written on any failure, then the error propagates
+            error = f"{type(err).__name__}: {err}"
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+            if writer is not None:
+                writer.close()
+            summary = self._summary(status, error)
+            if env.is_main and self.run_dir.is_dir():
+                write_json(self.run_dir / "summary.json", summary)
+            if wandb_run is not None:
+                wandb_run.summary.update({k: v for k, v in summary.items() if v is not None})
+                wandb_run.finish(exit_code=0 if status == "completed" else 1)
+            _say(
+                env,
+                f"{status}: step {self.step}, train loss {_fmt(self.last_train_loss)}, eval loss "
+                f"{_fmt(self.last_eval_loss)}, {summary['wall_s']:.1f} s | run dir: {self.run_dir}",
+            )
+            _shutdown()
+        return summary
+
+    def _summary(self, status: str, error: str | None) -> dict:
+        m = self.cfg.model
+        return {
+            "status": status,
+            "step": self.step,
+            "final_train_loss": self.last_train_loss,
+            "final_eval_loss": self.last_eval_loss,
+            "params": total_parameters(m),
+            "tokens_seen": self.tokens_seen,
+            "arch": m.arch,
+            "recipe": m.recipe if m.arch == "tp_blocks" else None,
+            "lane_count": m.lane_count if m.arch == "tp_blocks" else 1,
+            "flavor": self.cfg.flavor,
+            "experiment": self.cfg.name,
+            "error": error,
+            "wall_s": round(time.time() - self.start_time, 3),
+            "world_size": self.env.world,
+            "backend": self.cfg.trainer.backend,
+            "seed": self.cfg.seed,
+        }
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+def _progress(env: DistEnv, cfg: RunConfig, start: int):
+    if not (env.is_main and cfg.train.progress):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.train.max_steps, initial=start, desc=cfg.name, unit="step", dynamic_ncols=True)
+
+
+def _config_dict(config_yaml: str) -> dict:
+    if not config_yaml:
+        return {}
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.create(config_yaml))
+
+
+def _shutdown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def run(cfg: Any) -> dict:
+    """Train from a composed Hydra config (DictConfig or dict). Validates everything first (ValueError naming
+    the field), then trains; returns the summary dict written to ``<run_dir>/summary.json``."""
+    from omegaconf import DictConfig, OmegaConf
+
+    run_cfg = RunConfig.from_dictconfig(cfg)
+    config_yaml = OmegaConf.to_yaml(cfg, resolve=True) if isinstance(cfg, DictConfig) else json.dumps(cfg, indent=2)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return Trainer(run_cfg, config_yaml).fit()
