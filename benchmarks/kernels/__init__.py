@@ -1,0 +1,1 @@
+"""Kernel microbenchmarks (Triton vs torch eager vs torch.compile); ``python -m benchmarks.kernels``."""
