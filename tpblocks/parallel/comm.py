@@ -195,3 +195,14 @@ class MeshComm(Communicator):
         if self.lane_world == 1:
             return logits
         return _GatherLastDim.apply(logits, self)
+
+    # Schedules (tpblocks.parallel.schedule_placement): Ladder's asynchronous row-parallel sum, Track's merge.
+    def _tp_reduce_start(self, x: torch.Tensor) -> PendingSum:
+        from .schedule_placement import start_tp_reduce
+
+        return start_tp_reduce(x, self)
+
+    def _lane_reduce(self, x_bsd: torch.Tensor) -> torch.Tensor:
+        from .schedule_placement import lane_reduce
+
+        return lane_reduce(x_bsd, self)

@@ -175,12 +175,17 @@ def shard_model(model: TransformerLM, comm: Communicator) -> TransformerLM:
     if comm.tp_world != world or comm.tp_rank != rank:
         raise ValueError("tpblocks places classic-layer shards on the lane axis: comm.tp_* must equal comm.lane_*")
     check_lane_degree(model.cfg, world)
+    from .schedule_placement import check_schedule_degree, shard_schedule_stage  # PaLM/Ladder/Kraken/Track
+
+    check_schedule_degree(model.cfg, world)
     spec: ShardSpec = {}
     copies: Copies = {}
     if world > 1:
         model_ref = weakref.ref(model)
         for i, stage in enumerate(model.stages):
             prefix = f"stages.{i}"
+            if shard_schedule_stage(stage, prefix, comm, spec, copies, model_ref):
+                continue
             if isinstance(stage, TPBlock):
                 _shard_tp_block(stage, prefix, rank, world, spec)
                 stage.register_forward_pre_hook(_tp_enter_hook(model_ref))

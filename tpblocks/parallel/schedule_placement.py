@@ -1,0 +1,170 @@
+"""Placement of the other communication schedules over a lane group: PaLM, Ladder, Kraken, Parallel Track.
+
+``shard_model`` (``placement.py``) hands every stage to ``shard_schedule_stage`` first; it places the stages of
+``tpblocks.models.schedules`` and Track blocks and returns False for the others:
+
+  stage                    what a rank keeps                                    collectives (forward)
+  ParallelLayer (PaLM)     Megatron shards of attention + FFN, like a classic   1 ``tp_reduce`` (g) of attn + ffn
+                           layer; the shared norm is replicated
+  LadderStack              every inner DecoderLayer sharded like a classic one  2 per layer, ``tp_reduce_start``:
+                                                                                async all-reduce, awaited later
+  KrakenBlock              lanes [r G/W, (r+1) G/W) of every LaneLayer          L-1 async lane sums + 1 gather
+                           (lane_offset set); ``proj`` replicated
+  TPBlock recipe "track"   its lanes, as for any TP block                       1 ``lane_reduce`` per block (g)
+
+Backward follows Megatron's f/g pairs: ``comm.tp_enter`` (f: identity forward, all-reduce backward) enters every
+sharded attention / FFN and every lane block, and the forward sums are g (all-reduce forward, identity backward).
+
+Parallel Track needs one more piece. Its block returns ``x + lane_reduce(sum_l (lane_l - x))``: the residual
+``x`` is read *inside* the block, so the f applied at the block's entry would sum its (replicated) gradient once
+per rank. A zero-valued term ``-(W-1)/W * (x - x.detach())`` added to the block output (a forward hook) takes
+back exactly that surplus after the all-reduce, without changing a single bit of the forward value.
+
+``start_tp_reduce`` / ``lane_reduce`` implement ``MeshComm._tp_reduce_start`` / ``_lane_reduce``: a truly
+asynchronous all-reduce (``async_op=True``, waited in ``wait()``) attached to autograd as g.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..models.comm import Communicator, PendingSum
+from ..models.config import ModelConfig
+from ..models.schedules import KrakenBlock, LadderStack, ParallelLayer
+from ..models.tp_block import TPBlock
+from .dims import check_lane_degree
+from .placement import Copies, ShardSpec, _lane_index, _shard_classic, _shard_tp_block, _take, _tp_enter_hook
+
+SCHEDULE_STAGES = (ParallelLayer, LadderStack, KrakenBlock)
+
+
+# ---------------------------------------------------------------------------------------------- validation
+def check_schedule_degree(cfg: ModelConfig, lane: int) -> None:
+    """Constraints of placing a PaLM / Ladder / Kraken model on ``lane`` ranks, as ``ValueError`` with the fix."""
+    if lane == 1:
+        return
+    if cfg.arch in ("palm", "ladder"):  # Megatron shards of full-width layers: the classic-layer rules
+        check_lane_degree(cfg.replace(arch="llama"), lane)
+    elif cfg.arch == "kraken" and cfg.lane_count % lane != 0:
+        raise ValueError(
+            f"lane_count={cfg.lane_count} (Kraken's degree G) is not a multiple of the lane degree {lane}; every "
+            f"rank must hold the same number of Kraken lanes. Use lane_count in {[lane * k for k in range(1, 5)]}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------- sharding
+def _shard_megatron(layer: nn.Module, prefix: str, comm: Communicator, spec: ShardSpec, copies: Copies,
+                    model_ref: weakref.ref) -> None:  # fmt: skip
+    """Column/row shards of ``layer.attn`` and ``layer.ffn`` (any layer holding those two, like a DecoderLayer)."""
+    _shard_classic(layer, prefix, comm, spec, copies, model_ref)
+    layer.attn.register_forward_pre_hook(_tp_enter_hook(model_ref))
+    layer.ffn.register_forward_pre_hook(_tp_enter_hook(model_ref))
+
+
+def _shard_kraken(block: KrakenBlock, prefix: str, rank: int, world: int, spec: ShardSpec) -> None:
+    index = _lane_index(block.lane_count, rank, world)
+    offset = int(index[0])
+    block.lane_offset = offset
+    for i, layer in enumerate(block.layers):
+        layer.lane_offset = offset
+        for name, param in list(layer.named_parameters(recurse=False)):
+            setattr(layer, name, _take(param, 0, index))
+            spec[f"{prefix}.layers.{i}.{name}"] = (0, index)
+    # ``proj`` reads the gathered (replicated) lanes: it stays whole on every rank, with equal gradients.
+
+
+def _track_residual_hook(model_ref: weakref.ref):
+    """Forward hook of a sharded Track block: remove the W-fold count of the residual's gradient (module doc)."""
+
+    def hook(module: nn.Module, args: tuple, out: torch.Tensor):
+        model = model_ref()
+        comm = model.comm if model is not None else None
+        x_bsh = args[0] if args else None
+        if not getattr(comm, "distributed", False) or x_bsh is None or not torch.is_grad_enabled():
+            return None
+        if not x_bsh.requires_grad:
+            return None
+        surplus = (comm.lane_world - 1) / comm.lane_world
+        return out - surplus * (x_bsh - x_bsh.detach())  # value: out exactly; gradient to x: -surplus x grad
+
+    return hook
+
+
+def shard_schedule_stage(
+    stage: nn.Module, prefix: str, comm: Communicator, spec: ShardSpec, copies: Copies, model_ref: weakref.ref
+) -> bool:
+    """Shard ``stage`` in place if it is a schedule stage (or a Track block); False leaves it to ``shard_model``."""
+    rank, world = comm.lane_rank, comm.lane_world
+    if isinstance(stage, ParallelLayer):
+        _shard_megatron(stage, prefix, comm, spec, copies, model_ref)
+    elif isinstance(stage, LadderStack):
+        for j, layer in enumerate(stage.layers):
+            _shard_megatron(layer, f"{prefix}.layers.{j}", comm, spec, copies, model_ref)
+    elif isinstance(stage, KrakenBlock):
+        _shard_kraken(stage, prefix, rank, world, spec)
+        stage.register_forward_pre_hook(_tp_enter_hook(model_ref))
+    elif isinstance(stage, TPBlock) and stage.recipe == "track":
+        # Lanes are sliced like any TP block. lane_offset only steers Burger's own-slice write and Sandwich's
+        # split, neither of which Track uses (copy in, sum of updates out), so it is bookkeeping here.
+        _shard_tp_block(stage, prefix, rank, world, spec)
+        stage.register_forward_pre_hook(_tp_enter_hook(model_ref))
+        stage.register_forward_hook(_track_residual_hook(model_ref))
+    else:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------- collectives
+class _AttachReduced(torch.autograd.Function):
+    """g for a finished asynchronous all-reduce: value = ``total``, gradient passes to ``local`` unchanged.
+
+    The sum is consumed identically by every rank (a replicated residual stream), so the gradient of each
+    rank's part is the (replicated) gradient of the sum: identity, no collective in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+        return total.view_as(total)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+class PendingTPReduce(PendingSum):
+    """An all-reduce started with ``async_op=True``; ``wait()`` blocks on it and returns the sum (in autograd)."""
+
+    def __init__(self, local: torch.Tensor, group) -> None:
+        super().__init__(local)
+        self._total = local.detach().contiguous().clone()
+        self._work = dist.all_reduce(self._total, group=group, async_op=True)
+        self._done: torch.Tensor | None = None
+
+    def wait(self) -> torch.Tensor:
+        if self._done is None:
+            self._work.wait()
+            local, total = self._value, self._total
+            self._done = _AttachReduced.apply(local, total) if local.requires_grad else total
+        return self._done
+
+
+def start_tp_reduce(x: torch.Tensor, comm) -> PendingSum:
+    """``MeshComm._tp_reduce_start``: the row-parallel sum of ``x``, started now, awaited by ``wait()``."""
+    if comm.tp_world == 1:
+        return PendingSum(x)
+    return PendingTPReduce(x, comm.group)
+
+
+def lane_reduce(x_bsd: torch.Tensor, comm) -> torch.Tensor:
+    """``MeshComm._lane_reduce``: blocking sum of the ranks' partial sums, g (identity backward).
+
+    The base class would build it from a lane sum, whose backward all-reduces (right for delayed reception,
+    where every rank uses the total differently); Track's merged state is replicated, so its backward is identity.
+    """
+    if comm.lane_world == 1:
+        return x_bsd
+    return comm._tp_reduce(x_bsd)
