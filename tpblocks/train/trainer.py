@@ -76,8 +76,11 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def _setup_run_dir(self) -> None:
         env = self.env
-        run_dir = Path(broadcast_object(str(Path(self.cfg.run_dir).resolve())))
+        mine = Path(self.cfg.run_dir).resolve()
+        run_dir = Path(broadcast_object(str(mine)))  # rank 0's: each rank's Hydra stamps its own ${now:}
         self.run_dir = run_dir
+        if mine != run_dir and mine.is_dir() and not any(mine.iterdir()):
+            mine.rmdir()  # the empty dated directory Hydra made for this rank a second after rank 0's
         if env.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(self.config_yaml)
