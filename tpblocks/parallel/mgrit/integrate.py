@@ -86,11 +86,14 @@ class LayerParallel:
         """
         params = [p for p in self.model.parameters() if p.requires_grad]
         was_serial = self.serial
+        kept = [dict(stack.last_stats) for stack in self.stacks]  # the training step's figures, not these passes'
         self.set_serial(False)
         g_par = torch.autograd.grad(loss_closure(), params, allow_unused=True)
         self.set_serial(True)
         g_ser = torch.autograd.grad(loss_closure(), params, allow_unused=True)
         self.set_serial(was_serial)
+        for stack, stats in zip(self.stacks, kept):
+            stack.last_stats = stats
         diff2 = sum(float((a - b).double().square().sum()) for a, b in zip(g_par, g_ser) if a is not None)
         ref2 = sum(float(b.double().square().sum()) for b in g_ser if b is not None)
         self._exact = math.sqrt(diff2 / max(ref2, 1e-300))
@@ -121,23 +124,20 @@ class LayerParallel:
         st = self.stats()
         est = st.get("grad_err_est")
         exact, self._exact = self._exact, None
-        action = self.monitor.decide(step, loss, est, exact)
-        action = self._agree(action)
-        why = {"grad_err_est": est, "grad_err": exact, "loss": loss}
-        self.monitor.apply(step, action, {k: v for k, v in why.items() if v is not None})
-        self._sync()
         s = self.monitor.state
-        metrics: dict[str, Any] = {
-            "lp/serial": int(s.serial),
-            "lp/fwd_iters": s.fwd_iters,
-            "lp/bwd_iters": s.bwd_iters,
-        }
+        # Figures of the step that just ran (its iteration counts), then the decision for the next steps.
+        metrics: dict[str, Any] = {"lp/serial": int(s.serial), "lp/fwd_iters": s.fwd_iters, "lp/bwd_iters": s.bwd_iters}
         if st:
             metrics.update({"lp/fwd_residual": st["fwd_residual"], "lp/bwd_residual": st["bwd_residual"]})
             if est is not None:
                 metrics["lp/grad_err_est"] = est
         if exact is not None:
             metrics["lp/grad_err"] = exact
+        action = self._agree(self.monitor.decide(step, loss, est, exact))
+        why = {"grad_err_est": est, "grad_err": exact, "loss": loss}
+        self.monitor.apply(step, action, {k: v for k, v in why.items() if v is not None})
+        self._sync()
+        metrics["lp/action"] = action
         self.monitor.record({"step": step, **metrics, "fwd_residuals": st.get("fwd_residuals", [])})
         return metrics
 
