@@ -32,8 +32,8 @@ from ._triton import cdiv, interpreting, next_pow2, require_launchable, tl, trit
 @triton.jit
 def _decode_split_kernel(
     Q,  # (B, n, e) query of the new token
-    K,  # (B, kh, T_max, e) key cache, rotated
-    V,  # (B, kh, T_max, e) value cache
+    K,  # (B, kh, >= seq_len, e) key cache, rotated; any strides with a contiguous last dim
+    V,  # (B, kh, >= seq_len, e) value cache, same strides as K
     COS,  # (e,) RoPE cos row at the current position (unused unless APPLY_ROPE)
     SIN,  # (e,) RoPE signed sin row [-sin, sin] (the model's ``sin_signed``)
     O_PART,  # (B, n, n_splits, e) fp32 un-normalised partial outputs
@@ -42,7 +42,9 @@ def _decode_split_kernel(
     n_heads,
     n_kv_heads,
     group,  # query heads per KV head
-    t_max,  # cache capacity (stride of the position axis)
+    stride_kv_b,  # K/V strides (elements) of the sequence, head and position axes: a view of the
+    stride_kv_h,  # model's preallocated cache (``KVCache.update`` returns [:, :, :end]) is read in place
+    stride_kv_t,
     seq_len,  # valid positions
     head_dim,
     split_len,  # positions per split, a multiple of BLOCK_T
@@ -74,7 +76,7 @@ def _decode_split_kernel(
         q = q.to(Q.dtype.element_ty).to(tl.float32)  # the reference rotates in the query's dtype
     q = q * scale
 
-    kv_base = bk.to(tl.int64) * t_max * head_dim
+    kv_base = b.to(tl.int64) * stride_kv_b + kvh.to(tl.int64) * stride_kv_h
     m = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
     l_sum = tl.zeros((BLOCK_G,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_G, BLOCK_E), dtype=tl.float32)
@@ -83,7 +85,7 @@ def _decode_split_kernel(
     for t0 in range(start, end, BLOCK_T):
         ts = t0 + tl.arange(0, BLOCK_T)
         t_ok = ts < end
-        kv_offs = kv_base + ts[:, None] * head_dim + es[None, :]
+        kv_offs = kv_base + ts[:, None].to(tl.int64) * stride_kv_t + es[None, :]
         kv_mask = t_ok[:, None] & e_ok[None, :]
         k = tl.load(K + kv_offs, mask=kv_mask, other=0.0).to(tl.float32)
         v = tl.load(V + kv_offs, mask=kv_mask, other=0.0).to(tl.float32)
@@ -137,6 +139,8 @@ def _check(q, k_cache, v_cache, seq_len, cos, sin) -> None:
                          f"{tuple(k_cache.shape)}, {tuple(v_cache.shape)}")  # fmt: skip
     bq, n, e = q.shape
     b, kh, t_max, e2 = k_cache.shape
+    if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
+        raise ValueError("k and v caches must share strides, with a contiguous head dim")
     if bq != b or e != e2 or n % kh:
         raise ValueError(f"q {tuple(q.shape)} and cache {tuple(k_cache.shape)} disagree (n must be a multiple of k)")
     if not 1 <= seq_len <= t_max:
@@ -168,9 +172,9 @@ def decode_attention_triton(
     require_launchable(q)
     _check(q, k_cache, v_cache, seq_len, cos, sin)
     b, n, e = q.shape
-    kh, t_max = k_cache.shape[1], k_cache.shape[2]
+    kh = k_cache.shape[1]
     group = n // kh
-    q, k_cache, v_cache = q.contiguous(), k_cache.contiguous(), v_cache.contiguous()
+    q = q.contiguous()
     block_t = 64 if interpreting() else 32
     splits = num_splits or _auto_splits(seq_len, b * kh, block_t, q.device)
     split_len = cdiv(cdiv(seq_len, splits), block_t) * block_t
@@ -181,7 +185,8 @@ def decode_attention_triton(
     rope = cos is not None
     _decode_split_kernel[(b * kh, splits)](
         q, k_cache, v_cache, cos.contiguous() if rope else q, sin.contiguous() if rope else q,
-        o_part, m_part, l_part, n, kh, group, t_max, seq_len, e, split_len, splits, 1.0 / math.sqrt(e),
+        o_part, m_part, l_part, n, kh, group, *k_cache.stride()[:3], seq_len, e, split_len, splits,
+        1.0 / math.sqrt(e),
         APPLY_ROPE=rope, BLOCK_G=max(2, next_pow2(group)), BLOCK_T=block_t, BLOCK_E=next_pow2(e),
     )  # fmt: skip
     out = torch.empty_like(q)

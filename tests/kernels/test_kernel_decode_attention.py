@@ -55,6 +55,12 @@ def test_one_decode_step_matches_the_model():
     k_cache, v_cache = cache._k[0], cache._v[0]  # the model wrote the rotated new key at position `prefix`
     o = K.decode_attention_op(q.squeeze(2), k_cache, v_cache, prefix + 1, rope.cos[prefix], rope.sin_signed[prefix], 0)
     torch.testing.assert_close(o, o_model, atol=1e-5, rtol=1e-5)
+    # The strided view KVCache.update returns ([:, :, :end] of the preallocated buffer) is read in place.
+    view_k, view_v = k_cache[:, :, : prefix + 1], v_cache[:, :, : prefix + 1]
+    o_view = K.decode_attention_op(
+        q.squeeze(2), view_k, view_v, prefix + 1, rope.cos[prefix], rope.sin_signed[prefix], 0
+    )
+    assert torch.equal(o_view, o)
 
 
 def test_stale_cache_positions_are_ignored():

@@ -95,6 +95,10 @@ def attend(
     if start == 0:
         return F.scaled_dot_product_attention(q_bnse, k_bkse, v_bkse, is_causal=s > 1, enable_gqa=gqa)
     if s == 1:  # one decode token sees the whole cache: no mask needed
+        if kernel_dispatch.use_triton(q_bnse):  # Triton flash-decoding over the cache (kernels/decode_attention.py)
+            from kernels import ops
+
+            return ops.decode_attention(q_bnse.squeeze(2), k_bkse, v_bkse, t).unsqueeze(2)
         return F.scaled_dot_product_attention(q_bnse, k_bkse, v_bkse, enable_gqa=gqa)
     q_pos = torch.arange(start, start + s, device=q_bnse.device)
     mask_st = q_pos[:, None] >= torch.arange(t, device=q_bnse.device)[None, :]
