@@ -1,11 +1,14 @@
 """Shared fixtures of the kernel tests: the per-dtype tolerance table and a reset of the dispatch mode.
 
 The Triton interpreter (TRITON_INTERPRET=1, set by tests/conftest.py before any kernel module is imported)
-runs the kernels on the CPU. Its fp32 -> bf16 conversion truncates instead of rounding to nearest (seen
-here: 500 of 1024 random values differ from torch's cast), so bf16 is checked with a looser tolerance.
+runs the kernels on the CPU; with ``TRITON_INTERPRET=0`` exported on a GPU machine the same tests run on CUDA.
+The interpreter's fp32 -> bf16 conversion truncates instead of rounding to nearest (seen here: 500 of 1024
+random values differ from torch's cast), so bf16 is checked with a looser tolerance.
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -23,6 +26,19 @@ def assert_close_dtype(actual: torch.Tensor, expected: torch.Tensor, dtype: torc
     """Two-sided closeness |a - e| <= atol*scale + rtol*|e|, elementwise, with the dtype's tolerances."""
     atol, rtol = TOLERANCES[dtype]
     torch.testing.assert_close(actual.float(), expected.float(), atol=atol * scale, rtol=rtol)
+
+
+@pytest.fixture(autouse=True)
+def _kernel_device():
+    """Interpreter (the default here): CPU tensors. ``TRITON_INTERPRET=0`` on a GPU machine: the same tests build
+    their tensors on CUDA and exercise the real backend."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        yield
+        return
+    if not torch.cuda.is_available():
+        pytest.skip("TRITON_INTERPRET=0 and no GPU: the Triton kernels cannot run here")
+    with torch.device("cuda"):
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -19,9 +19,10 @@ def test_modes_env_and_override(monkeypatch):
     monkeypatch.setenv(dispatch.ENV_VAR, "reference")
     assert dispatch.get_mode() == "reference" and not dispatch.use_triton(x)
     monkeypatch.setenv(dispatch.ENV_VAR, "auto")
-    assert not dispatch.use_triton(x)  # auto on a CPU tensor: the reference
+    assert dispatch.use_triton(x) == x.is_cuda  # auto: Triton on CUDA, the reference on a CPU tensor
+    assert not dispatch.use_triton(torch.randn(2, device="cpu"))
     monkeypatch.setenv(dispatch.ENV_VAR, "triton")
-    assert dispatch.use_triton(x)  # allowed here because the tests run under TRITON_INTERPRET=1
+    assert dispatch.use_triton(x)  # on CUDA, or on the CPU under TRITON_INTERPRET=1 (how these tests run)
     with dispatch.forced("reference"):
         assert not dispatch.use_triton(x)
     assert dispatch.get_mode() == "triton"
@@ -35,7 +36,7 @@ def test_modes_env_and_override(monkeypatch):
 def test_forced_triton_without_interpreter_is_explained(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with dispatch.forced("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        dispatch.use_triton(torch.randn(2))
+        dispatch.use_triton(torch.randn(2, device="cpu"))
 
 
 def _count_launches(monkeypatch) -> dict[str, int]:

@@ -26,7 +26,8 @@ def _train(mode: str) -> list[float]:
     model = TransformerLM(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     g = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, cfg.vocab_size, (4, 17), generator=g)  # one fixed batch: loss must fall fast
+    tokens = torch.randint(0, cfg.vocab_size, (4, 17), generator=g, device="cpu")  # one fixed batch: must fall fast
+    tokens = tokens.to(torch.get_default_device())
     losses = []
     with dispatch.forced(mode):
         for _ in range(STEPS):
