@@ -215,3 +215,29 @@ def test_predict_tinyllama_config_close_to_report_headline():
     assert rep.t_decode - vp.t_decode == pytest.approx(head_bytes * 7 / 8 / H100.beta - H100.t_sync, rel=1e-9)
     ceiling = pm.predict(cfg, H100, devices=8, context=1024, precision=2, communicate=False)
     assert ceiling.syncs == 0 and pm.speedup(rep, ceiling) == pytest.approx(rep.t_decode / rep.t_memory)
+
+
+# ---------------------------------------------------------------------- calibration
+def test_calibrate_single_process_gives_a_usable_preset():
+    from tpblocks.infer.calibrate import calibrate
+
+    c = calibrate(beta_bytes=4 * 2**20, iters=10)
+    assert c.world == 1 and c.t_sync == 0.0
+    assert 1e8 < c.beta < 1e13 and 1e8 < c.beta_copy < 1e13  # 0.1 GB/s .. 10 TB/s: bytes/s, not GB/s or bits
+    hw = c.hardware()
+    assert hw.name == "this_machine" and hw.beta == c.beta
+    assert pm.t_decode(c.beta, syncs=3, hw=hw, devices=1) == pytest.approx(1.0)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_calibrate_on_two_gloo_ranks_measures_a_sync():
+    from tpblocks.infer.calibrate import spawn_calibration
+
+    c = spawn_calibration(2, beta_bytes=4 * 2**20, iters=30)
+    assert c.world == 2 and c.backend == "gloo"
+    # A loopback gloo all-reduce takes microseconds to milliseconds; never zero, never seconds.
+    assert 1e-6 < c.t_sync < 0.5
+    assert c.t_sync_p10 <= c.t_sync <= c.t_sync_p90
+    assert c.hardware().t_sync == c.t_sync
