@@ -205,3 +205,8 @@ def get_flavor(name: str, **overrides) -> ModelConfig:
     if overrides:
         cfg = cfg.replace(**overrides)
     return cfg.replace(extra={**cfg.extra, "flavor": name, "params": total_parameters(cfg)})
+
+
+from .schedule_flavors import schedule_flavors  # noqa: E402  (every schedule at matched parameters)
+
+FLAVORS.update(schedule_flavors())
