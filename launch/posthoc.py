@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-tokens", type=int, default=20_000)
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--quick", action="store_true", help="fewer eval tokens / steps (about a few minutes)")
+    p.add_argument("--distributed", action="store_true", help="also time TP vs LP decode on 2 gloo ranks")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = p.parse_args(argv)
 
@@ -119,8 +120,30 @@ def main(argv: list[str] | None = None) -> None:
     print_table(format_rows(results), title=title)
     print("syncs/tok: blocking all-reduces per decoded token of a 2-way tensor-parallel run of the same schedule;")
     print("ms/tok: measured single-process decode step (both pair/group members computed here, so no LP speed-up).")
+    dist_rows = []
+    if args.distributed:
+        from tpblocks.posthoc.lp_latency import measure_lp_latency
+
+        dist_rows = measure_lp_latency(
+            args.checkpoint or args.cache_dir, lp_ranges, eval_ids[:32].tolist(), new_tokens=args.decode_tokens
+        )
+        tp_ms = dist_rows[0]["ms_per_token_2rank"]
+        for r in dist_rows:
+            r["speedup_vs_tp"] = tp_ms / r["ms_per_token_2rank"]
+        print_table(
+            [
+                {
+                    "schedule": r["row"],
+                    "syncs/tok": f"{r['syncs_per_token']:.0f}",
+                    "ms/tok (2 ranks)": f"{r['ms_per_token_2rank']:.2f}",
+                    "speed-up vs TP": f"{r['speedup_vs_tp']:.2f}x",
+                }
+                for r in dist_rows
+            ],
+            title="2-rank decode, gloo on this host: TP = every layer Megatron-sharded; LP = pairs on separate ranks",
+        )
     if args.json:
-        write_json(args.json, {"machine": info, "spec": repr(spec), "rows": results})
+        write_json(args.json, {"machine": info, "spec": repr(spec), "rows": results, "two_rank_decode": dist_rows})
 
 
 def _default_lp_ranges(n: int) -> tuple[tuple[int, int], ...]:

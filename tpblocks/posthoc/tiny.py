@@ -25,14 +25,14 @@ from .checkpoint import load_llama_family, save_llama
 
 
 def tiny_config(n_layers: int = 8, hidden_size: int = 128, max_seq_len: int = 512) -> ModelConfig:
-    """Byte-level Llama (vocab 256): GQA 4/2 heads, SwiGLU 8/3 h."""
+    """Byte-level Llama (vocab 256): GQA 4/2 heads, SwiGLU ~8/3 h rounded to a multiple of 32 (splits over 2 ranks)."""
     return ModelConfig(
         arch="llama",
         vocab_size=256,
         hidden_size=hidden_size,
         n_heads=4,
         n_kv_heads=2,
-        ffn_hidden_size=(8 * hidden_size) // 3,
+        ffn_hidden_size=32 * max(1, round(8 * hidden_size / 3 / 32)),
         n_layers=n_layers,
         max_seq_len=max_seq_len,
     )
@@ -102,14 +102,16 @@ def tiny_wikitext_llama(
     progress: bool = True,
 ) -> TransformerLM:
     """Train (or load from ``cache_dir``) a byte-level Llama on ``text``; saved as a HF Llama directory."""
-    meta = {"steps": steps, "n_layers": n_layers, "hidden_size": hidden_size, "seed": seed, "chars": len(text)}
+    cfg = tiny_config(n_layers, hidden_size)
+    # JSON round trip so the comparison with the cached file is like for like (tuples become lists).
+    meta = json.loads(json.dumps({"steps": steps, "config": cfg.to_dict(), "seed": seed, "chars": len(text)}))
     if cache_dir is not None:
         cache_dir = Path(cache_dir)
         meta_path = cache_dir / "tpblocks_tiny.json"
         if meta_path.is_file() and json.loads(meta_path.read_text()).get("recipe") == meta:
             return load_llama_family(cache_dir)
     torch.manual_seed(seed)
-    model = TransformerLM(tiny_config(n_layers, hidden_size))
+    model = TransformerLM(cfg)
     ids = torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
     t0 = time.perf_counter()
     losses = train_lm(
