@@ -15,6 +15,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
+from dist_utils import run_workers
 
 from tpblocks.models import ModelConfig, build_model
 from tpblocks.parallel.mgrit import (
@@ -327,3 +328,91 @@ def test_training_with_the_monitor_switches_to_serial_and_logs_it(caplog):
     assert metrics["lp/serial"] == 1 and lp.stacks[0].serial
     assert "grad_err" in lp.monitor.events[0] and "switched to serial training" in caplog.text
     assert "lp/fwd_residual" in lp.monitor.history[0] and lp.monitor.history[0]["lp/fwd_iters"] == 1
+
+
+# ---------------------------------------------------------------------------------------------- two gloo ranks
+def _same_on_all_ranks(t: torch.Tensor) -> bool:
+    import torch.distributed as dist
+
+    gathered = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, t.contiguous())
+    return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
+def _parity_worker(rank: int, world: int) -> None:
+    torch.set_num_threads(1)
+    model = tiny_llama(n_layers=16, width=32)  # same seed on every rank: replicated weights
+    tok = tokens()
+    loss_ref, g_ref = serial_loss_and_grads(model, tok)
+    cases = [  # (config, expect exact to 1e-5?)
+        ({"levels": 2, "cf": 4, "iters": 1, "relax": "F", "final_sweep": "F"}, False),
+        ({"levels": 2, "cf": 2, "iters": 8, "relax": "FCF"}, True),
+        ({"levels": 3, "cf": 2, "iters": 8, "relax": "F", "final_sweep": "F"}, True),
+        ({"levels": 2, "cf": 4, "iters": 2, "relax": "FCF", "final_sweep": "serial"}, True),
+    ]
+    for cfg, exact in cases:
+        loss, g, st = mgrit_loss_and_grads(model, tok, cfg, force=False)
+        assert st and len(st["fwd_residuals"]) == cfg["iters"], (cfg, st)  # MGRIT did run, not the serial loop
+        assert _same_on_all_ranks(g) and _same_on_all_ranks(loss.reshape(1)), cfg
+        err = rel(g, g_ref)
+        if exact:
+            assert err < 1e-5 and abs(float(loss - loss_ref)) < 1e-5, (cfg, err, float(loss - loss_ref))
+            assert st["grad_err_est"] < 1e-4, (cfg, st)
+        else:
+            assert err > 1e-3, (cfg, err)
+            assert st["grad_err_est"] > 1e-3, (cfg, st)  # the monitor's estimate sees it too
+            assert st["fwd_residuals"][0] > 1e-3
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_two_ranks_forward_and_backward_equal_the_serial_pass():
+    run_workers(_parity_worker, world=2)
+
+
+TRAIN_STEPS = 20
+LOSS_RTOL = 0.03  # MGRIT + monitor must end within 3% of the serial run's final loss
+
+
+def _train(lp_cfg: dict, rank: int, steps: int = TRAIN_STEPS):
+    model = tiny_llama(n_layers=8, width=32)
+    tok = tokens(8, 17)
+    lp = apply_layer_parallel(model, lp_cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses, modes = [], []
+    for step in range(steps):
+        loss = lm_loss(model, tok)
+        loss.backward()
+        modes.append(lp.stacks[0].last_stats.get("mode") if lp.stacks else "off")
+        if lp.should_check(step):
+            lp.measure_grad_error(lambda: lm_loss(model, tok))
+        lp.step_end(step, loss.item())
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses, modes, lp
+
+
+def _training_worker(rank: int, world: int) -> None:
+    torch.set_num_threads(1)
+    serial, _, _ = _train({"enabled": False}, rank)
+    cfg = {"enabled": True, "levels": 2, "cf": 2, "iters": 1, "relax": "F", "grad_tol": 0.05, "max_iters": 4,
+           "check_every": 10, "plateau_window": 5}  # fmt: skip
+    mgrit, modes, lp = _train(cfg, rank)
+    assert modes[0] == "mgrit" and lp.monitor.events and lp.monitor.events[0]["action"] == "add_iters"
+    assert serial[-1] < 0.6 * serial[0], serial  # the run does learn
+    assert abs(mgrit[-1] - serial[-1]) <= LOSS_RTOL * serial[-1], (mgrit[-1], serial[-1])
+    # The monitor's switch, on both ranks at the same step: one iteration is far too inexact for grad_tol 1e-3.
+    strict = {**cfg, "policy": "serial", "grad_tol": 1e-3, "check_every": 0}
+    _, modes, lp = _train(strict, rank, steps=3)
+    assert modes == ["mgrit", "serial", "serial"], modes
+    assert [e["action"] for e in lp.monitor.events] == ["serial"] and lp.monitor.events[0]["step"] == 0
+    assert _same_on_all_ranks(torch.tensor([len(lp.monitor.events), int(lp.serial)]))
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_two_ranks_training_with_monitor_reaches_the_serial_loss_and_switches():
+    run_workers(_training_worker, world=2)
