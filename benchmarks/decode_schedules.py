@@ -1,0 +1,188 @@
+"""Batch-1 decode of every communication schedule at matched parameters, measured vs the calibrated decode model.
+
+    torchrun --standalone --nproc_per_node=2 benchmarks/decode_schedules.py --quick --json decode_schedules.json
+
+Schedules (``tpblocks.models.schedule_flavors``), all of the same sequential depth and parameter count:
+Llama-TP (2 syncs/layer), PaLM parallel layers (1/layer), Ladder residual (2/layer, asynchronous), Kraken
+(1 gather + L-1 asynchronous lane sums), Parallel Track (1 per D layers), a Burger TP block (1) — each also
+with ``comm.enabled = False``: the same sharded model with every collective removed (its no-communication
+ceiling). In one run:
+  1. calibrate t_sync (small all-reduce) and beta (matvec read, both ranks at once) on this machine;
+  2. time cached decode steps, configurations interleaved over rounds (the slower rank's median is kept);
+  3. count syncs per token twice: ``comm.counter`` (what the model asks) and ``CollectiveAudit`` (what reaches
+     torch.distributed), and predict each from ``perfmodel``: bytes per rank / beta + blocking syncs x t_sync +
+     the exposed part of the overlapped ones (``pred ms``; ``pred ms no-ovl`` charges them a full t_sync,
+     which is what gloo on a shared CPU gives, see TOOLCHAIN.md §3).
+Timing, warm-up and the group median are ``benchmarks/decode.py``'s own functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from benchmarks.common import machine_info, print_table, write_json  # noqa: E402
+from benchmarks.decode import group_median, time_decode  # noqa: E402
+from tpblocks.infer import perfmodel as pm  # noqa: E402
+from tpblocks.infer.calibrate import calibrate  # noqa: E402
+from tpblocks.models import ModelConfig, build_model, total_parameters  # noqa: E402
+from tpblocks.models.schedule_flavors import SCHEDULE_NAMES, schedule_config  # noqa: E402
+from tpblocks.parallel import (  # noqa: E402
+    CollectiveAudit,
+    MeshComm,
+    ParallelDims,
+    destroy_distributed,
+    init_distributed,
+    shard_model,  # noqa: E402
+)
+
+LABELS = {"llama": "llama-TP", "palm": "palm", "ladder": "ladder", "kraken": "kraken", "track": "track",
+          "burger": "burger (TP block)"}  # fmt: skip
+
+
+def build_configs(hidden: int, depth: int, vocab: int, degree: int, track_depth: int, max_seq_len: int):
+    """The Llama of ``depth`` layers and every other schedule re-cut from it at its parameter count."""
+    base = ModelConfig(arch="llama", vocab_size=vocab, hidden_size=hidden, n_heads=12, n_kv_heads=4,
+                       ffn_factor=8 / 3, n_layers=depth, max_seq_len=max_seq_len)  # fmt: skip
+    return {name: schedule_config(name, base, degree=degree, track_depth=track_depth) for name in SCHEDULE_NAMES}
+
+
+@torch.no_grad()
+def audited_step(model) -> tuple[int, int, int, int]:
+    """(blocking, overlapped, collectives, async collectives) of one decode token after a 4-token prompt."""
+    cache = model.new_cache(8)
+    model(torch.zeros(1, 4, dtype=torch.long), cache)
+    model.comm.counter.reset()
+    with CollectiveAudit() as audit:
+        model(torch.zeros(1, 1, dtype=torch.long), cache)
+    c = model.comm.counter
+    return c.blocking, c.overlapped, audit.total, audit.async_ops
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="batch-1 decode of every communication schedule vs the model")
+    parser.add_argument("--quick", action="store_true", help="fewer tokens and rounds (about a minute)")
+    parser.add_argument("--json", type=str, default=None, help="write every figure here")
+    parser.add_argument("--hidden", type=int, default=768, help="Llama hidden size (sets the parameter budget)")
+    parser.add_argument("--depth", type=int, default=8, help="sequential depth of every model")
+    parser.add_argument("--track-depth", type=int, default=4, help="Parallel Track: layers between two syncs")
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--prompt", type=int, default=32, help="prompt tokens prefilled before timing")
+    parser.add_argument("--tokens", type=int, default=None, help="timed decode steps per round")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds over all configurations")
+    args = parser.parse_args(argv)
+    tokens = args.tokens or (24 if args.quick else 64)
+    rounds = args.rounds or (2 if args.quick else 4)
+    rank, world = init_distributed()
+    if world < 2:
+        print("error: run under torchrun with 2+ ranks: torchrun --standalone --nproc_per_node=2 "
+              "benchmarks/decode_schedules.py --quick", file=sys.stderr)  # fmt: skip
+        return 2
+    try:
+        return _run(args, rank, world, tokens, rounds, warmup=3)
+    finally:
+        destroy_distributed()
+
+
+def _run(args, rank: int, world: int, tokens: int, rounds: int, warmup: int) -> int:
+    cfgs = build_configs(args.hidden, args.depth, args.vocab, world, args.track_depth,
+                         args.prompt + warmup + tokens + 8)  # fmt: skip
+    mesh = ParallelDims(dp=1, lane=world, world_size=world).build_mesh("cpu")
+    context = args.prompt + warmup + tokens / 2  # average KV length during the timed steps
+    tp_bytes = pm.decode_bytes(cfgs["llama"], devices=world, context=context, precision=4).total
+    calib = calibrate(beta_bytes=int(tp_bytes), sync_bytes=4 * args.hidden, iters=100 if args.quick else 400)
+    hw = calib.hardware()
+    if rank == 0:
+        print(f"calibrated: t_sync {hw.t_sync * 1e6:.0f} us (p10 {calib.t_sync_p10 * 1e6:.0f}, "
+              f"p90 {calib.t_sync_p90 * 1e6:.0f}), beta {hw.beta / 1e9:.2f} GB/s; {tokens} steps x {rounds} rounds",
+              flush=True)  # fmt: skip
+
+    runs: dict[str, tuple] = {}  # label -> (schedule, cfg, model, communicate)
+    for name, cfg in cfgs.items():
+        torch.manual_seed(0)  # identical full weights on every rank: shard_model slices them
+        model = shard_model(build_model(cfg).eval(), MeshComm(mesh))
+        runs[LABELS[name]] = (name, cfg, model, True)
+        runs[f"{LABELS[name]} no-comm"] = (name, cfg, model, False)
+
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    counted: dict[str, tuple] = {}
+    for r in range(rounds):
+        for label, (_, _, model, communicate) in runs.items():
+            model.comm.enabled = communicate
+            t, _ = time_decode(model, args.prompt, tokens, warmup, seed=r)
+            times[label] += t
+            if r == 0:
+                counted[label] = audited_step(model)
+            model.comm.enabled = True
+
+    figures = {}
+    for label, (name, cfg, _, communicate) in runs.items():
+        measured = group_median(times[label])
+        blocking, overlapped, collectives, async_ops = counted[label]
+        pred = pm.predict(cfg, hw, devices=world, context=context, precision=4, communicate=communicate)
+        no_overlap = pred.t_decode
+        if communicate and cfg.arch in pm.OVERLAPPED_SCHEDULES:
+            no_overlap = pred.t_memory + pred.t_sync_total - pm.exposed_overlapped_time(
+                cfg, hw, devices=world, precision=4
+            ) + pm.exposed_overlapped_time(cfg, hw, devices=world, precision=4, hides=False)  # fmt: skip
+        figures[label] = dict(
+            schedule=name, communicate=communicate, params=total_parameters(cfg), devices=world,
+            bytes_per_rank=pm.decode_bytes(cfg, devices=world, context=context, precision=4).total,
+            syncs_blocking_measured=blocking, syncs_overlapped_measured=overlapped,
+            collectives_measured=collectives, async_collectives_measured=async_ops,
+            syncs_blocking_formula=pm.syncs_for_config(cfg) if communicate else 0,
+            syncs_overlapped_formula=pm.overlapped_syncs_for_config(cfg) if communicate else 0,
+            measured_s=measured, predicted_s=pred.t_decode, predicted_no_overlap_s=no_overlap,
+            predicted_memory_s=pred.t_memory, config=cfg.to_dict(),
+        )  # fmt: skip
+    if rank != 0:
+        return 0
+
+    base, base_pred = figures["llama-TP"]["measured_s"], figures["llama-TP"]["predicted_s"]
+    rows = []
+    for label, f in figures.items():
+        ceiling = figures[label if not f["communicate"] else f"{label} no-comm"]
+        f["speedup_vs_llama_tp"] = base / f["measured_s"]
+        f["predicted_speedup_vs_llama_tp"] = base_pred / f["predicted_s"]
+        f["fraction_of_ceiling"] = ceiling["measured_s"] / f["measured_s"]
+        counted_syncs = f"{f['syncs_blocking_measured']}+{f['syncs_overlapped_measured']}"
+        if not f["communicate"]:
+            counted_syncs = f"({counted_syncs})"  # counted calls, none reached the backend
+        rows.append({
+            "config": label,
+            "params": f"{f['params'] / 1e6:.2f}M",
+            "syncs/tok b+o": counted_syncs,
+            "formula": f"{f['syncs_blocking_formula']}+{f['syncs_overlapped_formula']}",
+            "collectives/tok": f["collectives_measured"],
+            "meas ms": f"{f['measured_s'] * 1e3:.2f}",
+            "pred ms": f"{f['predicted_s'] * 1e3:.2f}",
+            "pred ms no-ovl": f"{f['predicted_no_overlap_s'] * 1e3:.2f}",
+            "meas/pred": f"{f['measured_s'] / f['predicted_s']:.2f}",
+            "speedup": f"{f['speedup_vs_llama_tp']:.2f}",
+            "pred speedup": f"{f['predicted_speedup_vs_llama_tp']:.2f}",
+            "of ceiling": f"{f['fraction_of_ceiling']:.2f}",
+        })  # fmt: skip
+    print_table(rows, title=(
+        f"\nbatch-1 decode, every schedule at {figures['llama-TP']['params'] / 1e6:.1f}M parameters, depth "
+        f"{args.depth}, {world} ranks (gloo), fp32 (t_sync {hw.t_sync * 1e6:.0f} us, beta {hw.beta / 1e9:.2f} GB/s "
+        f"measured in this run); syncs b+o = blocking + overlapped per token"))  # fmt: skip
+    info = machine_info()
+    print(f"machine: {info}")
+    if args.json:
+        write_json(args.json, {
+            "benchmark": "decode_schedules", "world": world, "tokens": tokens, "rounds": rounds,
+            "prompt": args.prompt, "calibration": calib.as_dict(), "hardware": hw.__dict__, "results": figures,
+            "machine": info,
+        })  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
