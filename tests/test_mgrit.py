@@ -197,8 +197,8 @@ def test_two_level_f_relaxation_is_exact_after_as_many_iterations_as_coarse_inte
 def test_stack_wrapper_gradients_match_autograd_for_input_and_parameters():
     model = tiny_llama(n_layers=12, init_std=0.05)
     layers = model.stages
-    stack = MGRITStack(layers, MGRITConfig(levels=2, cf=3, iters=6, relax="FCF", final_sweep="F"),
-                       call=lambda m, h: type(m).forward(m, h, model.comm), force_mgrit=True)  # fmt: skip
+    # The plain wrapper form: DecoderLayers get a LocalComm by default.
+    stack = MGRITStack(layers, MGRITConfig(levels=2, cf=3, iters=6, relax="FCF", final_sweep="F"), force_mgrit=True)
     x = torch.randn(2, 7, 32, requires_grad=True)
     gy = torch.randn(2, 7, 32)
     params = list(stack.parameters())

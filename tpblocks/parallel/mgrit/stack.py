@@ -30,6 +30,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from tpblocks.models.comm import Communicator, LocalComm
+from tpblocks.models.layers import DecoderLayer
+from tpblocks.models.tp_block import TPBlock
+
 from .config import MGRITConfig
 from .link import DistLink, Link
 from .solver import Hierarchy, MGRITSolver, partition
@@ -37,8 +41,13 @@ from .solver import Hierarchy, MGRITSolver, partition
 LayerCall = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 
-def _plain_call(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    return layer(h)
+def _default_call(comm: Communicator) -> LayerCall:
+    """Model stages (DecoderLayer, TPBlock) take the communicator; anything else is called as ``layer(h)``."""
+
+    def call(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        return layer(h, comm) if isinstance(layer, (DecoderLayer, TPBlock)) else layer(h)
+
+    return call
 
 
 @dataclass(frozen=True)
@@ -58,9 +67,11 @@ class Topology:
 class MGRITStack(nn.Module):
     """A stack of residual layers evaluated by (adjoint) MGRIT over the ranks of ``group``.
 
-    ``call(layer, h)`` evaluates one layer (default ``layer(h)``; pass e.g. ``lambda m, h: m(h, comm)`` for the
-    model's DecoderLayers). ``link`` replaces the torch.distributed link (tests). ``force_mgrit`` runs the MGRIT
-    algorithm even on one rank (to study its convergence); otherwise one rank is the exact serial loop.
+    ``call(layer, h)`` evaluates one layer (default: ``layer(h, comm)`` for the model's DecoderLayers and TP
+    blocks, with ``comm`` or a ``LocalComm``; ``layer(h)`` for anything else, e.g. LaneLayers). ``link``
+    replaces the torch.distributed link (tests). ``force_mgrit`` runs the MGRIT algorithm even on one rank (to
+    study its convergence); otherwise one rank is the exact serial loop. Do not wrap layers that
+    ``apply_layer_parallel`` has already patched (their forward would call back into the stack).
     Runtime knobs the error monitor turns: ``fwd_iters``, ``bwd_iters``, ``serial``.
     """
 
@@ -73,6 +84,7 @@ class MGRITStack(nn.Module):
         call: LayerCall | None = None,
         link: Link | None = None,
         force_mgrit: bool = False,
+        comm: Communicator | None = None,
     ):
         super().__init__()
         self.layers = layers if isinstance(layers, nn.ModuleList) else nn.ModuleList(list(layers))
@@ -82,7 +94,7 @@ class MGRITStack(nn.Module):
             raise TypeError(f"cfg must be an MGRITConfig, got {type(cfg).__name__}; use MGRITConfig.from_dict")
         self.cfg = cfg
         self.group = group
-        self._call = call or _plain_call
+        self._call = call or _default_call(comm if comm is not None else LocalComm())
         self._link = link
         self.force_mgrit = force_mgrit
         self.fwd_iters = cfg.iters
