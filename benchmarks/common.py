@@ -19,10 +19,34 @@ def machine_info() -> dict:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.is_available(),
+        "cpu_model": _cpu_model(),
+        # Other processes on a shared machine change every CPU timing: record how busy it was.
+        "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
     }
     if torch.cuda.is_available():
         info["device"] = torch.cuda.get_device_name()
     return info
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def busy_machine_warning() -> str | None:
+    """A warning when the 1-minute load average exceeds the core count (timings then measure contention)."""
+    if not hasattr(os, "getloadavg"):
+        return None
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load <= cores:
+        return None
+    return (f"WARNING: load average {load:.1f} on {cores} cores: other processes hold the CPU and these timings "
+            f"mostly measure contention; rerun on an idle machine")  # fmt: skip
 
 
 def print_table(rows: list[dict], title: str = "") -> None:

@@ -241,3 +241,36 @@ def test_calibrate_on_two_gloo_ranks_measures_a_sync():
     assert 1e-6 < c.t_sync < 0.5
     assert c.t_sync_p10 <= c.t_sync <= c.t_sync_p90
     assert c.hardware().t_sync == c.t_sync
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_decode_benchmark_smoke_counts_the_syncs_of_eq_9_to_11(tmp_path):
+    """benchmarks/decode.py on 2 ranks, tiny sizes: it runs, and the syncs counted during real sharded decode
+    steps are Eq. 9 (2 per layer) for Llama-TP, Eq. 11 (1) for one TP block, Eq. 10 for the hybrids, 0 for the
+    ceilings. Timings are not checked (benchmarks are not tests)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "decode.json"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node=2", str(repo / "benchmarks" / "decode.py"),
+         "--hidden", "96", "--depth", "4", "--vocab", "256", "--prompt", "4", "--tokens", "2", "--rounds", "1",
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=280, cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    expected = {"llama-TP": 8, "sandwich-1blk": 1, "burger-1blk": 1, "sandwich-hybrid": 6, "burger-hybrid": 6}
+    for label, syncs in expected.items():
+        assert results[label]["syncs_measured"] == syncs == results[label]["syncs_formula"]
+        assert results[f"{label} no-comm"]["syncs_measured"] == 0
+    params = [r["params"] for r in results.values()]
+    assert max(params) / min(params) < 1.02  # matched parameter budgets
+    assert "speedup" in proc.stdout and "of ceiling" in proc.stdout
