@@ -143,9 +143,14 @@ def test_manifest_round_trip_and_task_argv(tmp_path):
 def test_finalize_records_a_crash_as_failed(tmp_path):
     m = _manifest(tmp_path)
     log = tmp_path / "task.log"
-    log.write_text("step 1\nTraceback (most recent call last):\nRuntimeError: out of memory\n")
+    log.write_text(
+        "step 1\nTraceback (most recent call last):\nRuntimeError: out of memory\n"
+        "E1122 01:37:49.288000 22991 torch/distributed/elastic/multiprocessing/api.py:1002] failed (exitcode: 1)\n"
+        "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\n"
+        "srun: error: vm: task 0: Exited with exit code 1\n"
+    )  # what srun + torchrun print after the trainer's own error: the report must show the trainer's line
     s = finalize_task(m, 0, 137, log)
-    assert s["status"] == "failed" and "137" in s["error"] and "out of memory" in s["error"]
+    assert s["status"] == "failed" and "137" in s["error"] and s["error"].endswith("RuntimeError: out of memory")
     assert json.loads((Path(m.tasks[0].run_dir) / "summary.json").read_text())["status"] == "failed"
     # a run that finished and said so is left alone
     done = {"status": "completed", "final_train_loss": 1.5}

@@ -23,7 +23,7 @@ from .manifest import MANIFEST_NAME, read_manifest, read_summary
 COORD_KEYS = ("recipe", "arch", "lane_count", "lane_depth", "tp_blocks", "n_classic_layers", "comm_start",
               "comm_interleave", "comm_length", "scheduler", "seed")  # fmt: skip
 COLUMNS = (
-    "sweep", "name", "status", *COORD_KEYS, "aspect_ratio", "hidden_size", "lane_hidden_size", "params",
+    "sweep", "sweep_dir", "name", "status", *COORD_KEYS, "aspect_ratio", "hidden_size", "lane_hidden_size", "params",
     "final_train_loss", "final_eval_loss", "min_train_loss", "step", "max_steps", "tokens_seen", "wall_s", "error",
     "run_dir",
 )  # fmt: skip
@@ -142,12 +142,13 @@ def _sweep_rows(path: Path) -> list[dict[str, Any]]:
         row = run_row(task.run_dir)
         row.pop("_model", None)  # the manifest's solved model is the one asked for
         rows.append({
-            "sweep": manifest.sweep, "name": task.name, **_model_columns(task.model), **task.coords,
-            "params": task.n_params, "max_steps": max_steps, **{k: v for k, v in row.items() if v is not None},
+            "sweep": manifest.sweep, "sweep_dir": manifest.sweep_dir, "name": task.name,
+            **_model_columns(task.model), **task.coords, "params": task.n_params, "max_steps": max_steps,
+            **{k: v for k, v in row.items() if v is not None},
         })  # fmt: skip
     for point in manifest.invalid:
-        rows.append({"sweep": manifest.sweep, "name": point.name, "status": "invalid", **point.coords,
-                     "error": point.reason})  # fmt: skip
+        rows.append({"sweep": manifest.sweep, "sweep_dir": manifest.sweep_dir, "name": point.name,
+                     "status": "invalid", **point.coords, "error": point.reason})  # fmt: skip
     return rows
 
 

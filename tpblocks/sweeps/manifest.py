@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -163,13 +164,22 @@ def read_summary(run_dir: str | Path) -> dict[str, Any] | None:
         return None  # half-written by a killed process: treat as absent
 
 
+# Lines written by the launchers around the trainer (srun, slurmstepd, torchrun's elastic agent, glog-style
+# torch warnings, traceback frames): they say *that* it failed, never why.
+_LAUNCHER_NOISE = re.compile(
+    r"^(srun: |slurmstepd: |[EWI]\d{4} \d\d:|torch\.distributed\.elastic|Traceback|File \"|\[\d+\]:|[=-]{10})"
+)
+_ERROR_LINE = re.compile(r"^(error: |[\w.]*(Error|Exception)\b)|Error: ")
+
+
 def _last_error_line(log: Path | None) -> str | None:
-    """The most telling line of a job log: the last one naming an error, else the last non-empty one."""
+    """The most telling line of a job log: the last error the trainer printed, not the launchers' echo of it."""
     if log is None or not log.is_file():
         return None
     lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not _LAUNCHER_NOISE.match(ln)]
     for line in reversed(lines):
-        if "Error" in line or "error:" in line.lower():
+        if _ERROR_LINE.search(line):
             return line[-500:]
     return lines[-1][-500:] if lines else None
 

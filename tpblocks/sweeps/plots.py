@@ -37,7 +37,13 @@ def _ok(row: dict[str, Any]) -> bool:
 
 
 def _not_plotted_note(fig: plt.Figure, rows: Sequence[dict[str, Any]]) -> None:
-    missing = [f"{r['name']} ({r.get('status', '?')})" for r in rows if not _ok(r)]
+    names = [r.get("name") for r in rows]
+
+    def label(r: dict[str, Any]) -> str:  # several sweeps in one figure may reuse a point name
+        dup = names.count(r.get("name")) > 1 and r.get("sweep_dir")
+        return f"{Path(r['sweep_dir']).name}/{r['name']}" if dup else str(r.get("name"))
+
+    missing = [f"{label(r)} ({r.get('status', '?')})" for r in rows if not _ok(r)]
     if not missing:
         return
     text = "not plotted: " + ", ".join(missing)
@@ -79,6 +85,7 @@ def line_figure(rows: Sequence[dict[str, Any]], sweep: str, path: str | Path) ->
     if xs_all and sweep != "aspect_ratio":
         ax.set_xticks(xs_all)
         ax.set_xticklabels([f"{x:g}" for x in xs_all])
+    ax.margins(x=0.08, y=0.15)  # room for the value labels above the points
     ax.set_xlabel(x_label)
     ax.set_ylabel("final training loss")
     ax.set_title(title)
@@ -108,7 +115,9 @@ def delayed_figure(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
             i, j = inters.index(int(r["comm_interleave"])), lengths.index(int(r["comm_length"]))
             if _ok(r):
                 grid[i][j] = float(r[LOSS])
-                ax.text(j, i, f"{float(r[LOSS]):.3f}", ha="center", va="center", fontsize=8, color="white")
+                bright = (float(r[LOSS]) - vmin) / (vmax - vmin) > 0.6 if vmax > vmin else False  # viridis: yellow
+                ax.text(j, i, f"{float(r[LOSS]):.3f}", ha="center", va="center", fontsize=8,
+                        color="black" if bright else "white")  # fmt: skip
             else:
                 ax.text(j, i, str(r.get("status", "?")), ha="center", va="center", fontsize=7,
                         color="firebrick" if r.get("status") != "invalid" else "dimgray")  # fmt: skip

@@ -14,6 +14,7 @@ node (plain ``python`` for one process, ``torchrun --standalone`` for several), 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -49,12 +50,18 @@ def run_task(manifest_file: str | Path, index: int, nproc_per_node: int = 1) -> 
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_node}"]
     else:
         launcher = [sys.executable]
+    env = dict(os.environ)
+    if "SLURM_CPUS_PER_TASK" in env and "OMP_NUM_THREADS" not in env:
+        # As in sweep_array.sbatch: threads = allocated cores / processes, not every core of a shared node.
+        env["OMP_NUM_THREADS"] = str(max(1, int(env["SLURM_CPUS_PER_TASK"]) // nproc_per_node))
     log = task_log(manifest, index)
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as out:
         out.write("$ " + " ".join([*launcher, *argv]) + "\n")
         out.flush()
-        proc = subprocess.run([*launcher, *argv], cwd=repo_root(manifest), stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.run(
+            [*launcher, *argv], cwd=repo_root(manifest), stdout=out, stderr=subprocess.STDOUT, env=env
+        )
     finalize_task(manifest, index, proc.returncode, log)
     return proc.returncode
 
