@@ -112,3 +112,22 @@ def test_wsd_run_extends_from_a_stable_phase_checkpoint(tiny_data, tmp_path):
     # The run's final checkpoint (step 8) is inside the decay: it cannot be extended.
     with pytest.raises(ValueError, match="past the stable phase"):
         _run(tiny_data, tmp_path / "bad", **wsd, **{"train.max_steps": 16, "train.resume": first})
+
+
+def test_bf16_autocast_on_cpu_tracks_fp32(tiny_data, tmp_path):
+    fp32 = _run(tiny_data, tmp_path / "fp32", **{"train.max_steps": 4, "train.precision": "fp32"})
+    bf16 = _run(tiny_data, tmp_path / "bf16", **{"train.max_steps": 4, "train.precision": "bf16"})
+    assert bf16["status"] == "completed"
+    a, b = read_metrics(tmp_path / "fp32"), read_metrics(tmp_path / "bf16")
+    assert [r["train_loss"] for r in a] != [r["train_loss"] for r in b]  # bf16 really ran (different rounding)
+    for x, y in zip(a, b):
+        assert abs(x["train_loss"] - y["train_loss"]) < 0.05
+    assert abs(fp32["final_eval_loss"] - bf16["final_eval_loss"]) < 0.05
+
+
+def test_wandb_offline_writes_into_the_run_dir(tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    summary = _run(tiny_data, run_dir, **{"train.max_steps": 2, "wandb.mode": "offline"})
+    assert summary["status"] == "completed"
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))

@@ -137,8 +137,9 @@ class Trainer:
 
     def _maybe_resume(self) -> None:
         cfg, env = self.cfg, self.env
-        path = ckpt_io.resolve_resume(cfg.train.resume, self.run_dir) if env.is_main else None
-        path = broadcast_object(str(path) if path is not None else None)
+        # Every rank resolves (a bad train.resume then fails on every rank with the same message, not only on 0).
+        path = ckpt_io.resolve_resume(cfg.train.resume, self.run_dir)
+        path = broadcast_object(str(path) if path is not None else None)  # rank 0's choice wins if they differ
         self.resumed_from = None
         if path is None:
             return
