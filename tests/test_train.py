@@ -7,22 +7,26 @@ import math
 import pytest
 import torch
 import yaml
-from test_train_support import compose, eval_curve, read_metrics, read_summary, tiny_data, tiny_overrides
+from test_train_support import (
+    compose,
+    eval_curve,
+    one_thread,
+    read_metrics,
+    read_summary,
+    tiny_data,
+    tiny_overrides,
+)
 
 from tpblocks.models.io import load_model
 from tpblocks.train import checkpoint as ckpt_io
 from tpblocks.train import distributed, run
 
-__all__ = ["tiny_data"]  # the session fixture, imported for pytest
+__all__ = ["one_thread", "tiny_data"]  # fixtures, imported for pytest
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread, as each torchrun rank has: steps of a 74k-parameter model gain nothing from more."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _threads(one_thread):
     yield
-    torch.set_num_threads(previous)
 
 
 def _run(tiny_data, run_dir, **extra) -> dict:

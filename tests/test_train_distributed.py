@@ -5,12 +5,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_train_support import eval_curve, launch, read_metrics, read_summary, tiny_data, tiny_overrides
+from test_train_support import (
+    eval_curve,
+    launch,
+    one_thread,
+    read_metrics,
+    read_summary,
+    tiny_data,
+    tiny_overrides,
+)
 
 from tpblocks.models.io import load_model
 from tpblocks.train import checkpoint as ckpt_io
 
-__all__ = ["tiny_data"]
+__all__ = ["one_thread", "tiny_data"]
 
 EXTRA = {"train.max_steps": 6, "train.eval_every": 3, "train.checkpoint_every": 0}
 
@@ -30,18 +38,13 @@ def ddp_two_ranks(tiny_data, tmp_path_factory):
 
 @pytest.mark.distributed
 @pytest.mark.timeout(600)
-def test_one_rank_equals_two_ranks(tiny_data, ddp_two_ranks, tmp_path):
+def test_one_rank_equals_two_ranks(tiny_data, ddp_two_ranks, tmp_path, one_thread):
     """Same tokens per step, split as 1 rank x 2 accumulation vs 2 ranks x 1: same losses up to float order."""
     from test_train_support import compose
 
     from tpblocks.train import run
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        summary = run(compose(tiny_overrides(tiny_data, tmp_path / "one", **EXTRA)))
-    finally:
-        torch.set_num_threads(threads)
+    summary = run(compose(tiny_overrides(tiny_data, tmp_path / "one", **EXTRA)))
     one, two = read_metrics(tmp_path / "one"), read_metrics(ddp_two_ranks)
     assert read_summary(ddp_two_ranks)["world_size"] == 2 and summary["world_size"] == 1
     assert [r["step"] for r in one] == [r["step"] for r in two] == list(range(1, 7))

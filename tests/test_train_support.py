@@ -45,6 +45,18 @@ def tiny_data(tmp_path_factory) -> dict:
     return {"path": str(corpus), "cache": str(root / "cache")}
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread, as each torchrun rank has: a 74k-parameter model gains nothing from a second one,
+    which only spins against the other processes of a shared machine."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def tiny_overrides(tiny_data: dict, run_dir: Path, **extra) -> list[str]:
     """Hydra overrides for a run of a few seconds: tiny Burger, 32-token context, 512-token steps."""
     values = {

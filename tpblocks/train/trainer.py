@@ -126,8 +126,10 @@ class Trainer:
         self.optimizer = build_optimizer(model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.scheduler, cfg.train.max_steps)
         self.backend = build_backend(model, self.optimizer, cfg, env, self.accum)
-        if cfg.train.compile:
+        if cfg.train.compile and self.backend.name == "ddp":
             self.backend.wrapped = torch.compile(self.backend.wrapped)
+        elif cfg.train.compile:
+            _say(env, "train.compile is ignored with trainer=deepspeed (set DeepSpeed's own compile options instead)")
         _say(
             env,
             f"model {cfg.flavor} ({cfg.model.arch}): {total_parameters(cfg.model):,} parameters | world {env.world} "
