@@ -259,6 +259,19 @@ def test_lanes_unit_rejects_delayed_communication_and_llama():
         apply_layer_parallel(tiny_llama(n_layers=2), {"enabled": True, "unit": "lanes"})
 
 
+def test_evaluation_without_autograd_is_serial_unless_asked_otherwise():
+    model = tiny_llama(n_layers=8)
+    tok = tokens()
+    with torch.no_grad():
+        ref = lm_loss(model, tok)
+        for eval_serial, exact in ((True, True), (False, False)):
+            cfg = {"enabled": True, "cf": 2, "iters": 1, "relax": "F", "final_sweep": "F", "eval_serial": eval_serial}
+            lp = apply_layer_parallel(model, cfg)
+            lp.stacks[0].force_mgrit = True
+            assert torch.equal(lm_loss(model, tok), ref) == exact
+            lp.remove()
+
+
 def test_kv_cache_decoding_runs_the_exact_serial_model():
     model = tiny_llama(n_layers=6)
     reference = copy.deepcopy(model)

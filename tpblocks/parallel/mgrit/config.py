@@ -53,6 +53,8 @@ class MGRITConfig:
     # Keep the autograd graph of each step between adjoint iterations (memory of one serial backward; each
     # repeated vector-Jacobian product then costs a backward only, not forward + backward).
     cache_graphs: bool = True
+    # Without autograd (evaluation, generation) run the exact serial stack on every rank: metrics stay unbiased.
+    eval_serial: bool = True
 
     # --- error monitor and adaptive policy (monitor.py) ---
     monitor: bool = True

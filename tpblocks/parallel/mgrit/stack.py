@@ -133,7 +133,9 @@ class MGRITStack(nn.Module):
         return self.topology().link.world
 
     def uses_mgrit(self) -> bool:
-        return not self.serial and (self.world > 1 or self.force_mgrit)
+        if self.serial or (self.cfg.eval_serial and not torch.is_grad_enabled()):
+            return False
+        return self.world > 1 or self.force_mgrit
 
     # ------------------------------------------------------------------ the time step
     def phi(self, k: int, n: int, h: torch.Tensor) -> torch.Tensor:
