@@ -22,7 +22,7 @@ from typing import Any
 
 from .collect import collect, format_table, write_csv
 from .grids import GRIDS, SCALES, expand, get_scale, parse_values
-from .manifest import DEFAULT_ENTRY, build_manifest, read_manifest
+from .manifest import DEFAULT_ENTRY, build_manifest
 from .submit import (
     BACKENDS,
     REPO,
@@ -182,8 +182,3 @@ def report_main(argv: list[str] | None = None) -> int:
         counts[row.get("status", "?")] = counts.get(row.get("status", "?"), 0) + 1
     print("status: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     return 0
-
-
-def manifest_summary(path: str | Path) -> str:
-    m = read_manifest(path)
-    return f"{m.sweep}: {len(m.tasks)} tasks, {len(m.invalid)} invalid"

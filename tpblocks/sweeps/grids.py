@@ -88,6 +88,8 @@ class Scale:
             if isinstance(value, str) and key not in ("name",):
                 if key == "overrides":
                     value = tuple(v for v in value.split(" ") if v)
+                elif key == "aspect_depths":
+                    raise ValueError("scale.aspect_depths cannot be set as a knob; set the lane_depth axis instead")
                 elif key == "train_tokenizer":
                     value = value.lower() in ("1", "true", "yes")
                 elif key == "budget_tolerance":
