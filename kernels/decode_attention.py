@@ -175,7 +175,9 @@ def decode_attention_triton(
     kh = k_cache.shape[1]
     group = n // kh
     q = q.contiguous()
-    block_t = 64 if interpreting() else 32
+    block_g, block_e = max(2, next_pow2(group)), next_pow2(e)
+    # The (G, T, E) broadcast product lives in registers: on a GPU keep it near 8k fp32 values per program.
+    block_t = 64 if interpreting() else max(8, min(64, 8192 // (block_g * block_e)))
     splits = num_splits or _auto_splits(seq_len, b * kh, block_t, q.device)
     split_len = cdiv(cdiv(seq_len, splits), block_t) * block_t
     splits = cdiv(seq_len, split_len)
@@ -187,7 +189,7 @@ def decode_attention_triton(
         q, k_cache, v_cache, cos.contiguous() if rope else q, sin.contiguous() if rope else q,
         o_part, m_part, l_part, n, kh, group, *k_cache.stride()[:3], seq_len, e, split_len, splits,
         1.0 / math.sqrt(e),
-        APPLY_ROPE=rope, BLOCK_G=max(2, next_pow2(group)), BLOCK_T=block_t, BLOCK_E=next_pow2(e),
+        APPLY_ROPE=rope, BLOCK_G=block_g, BLOCK_T=block_t, BLOCK_E=block_e,
     )  # fmt: skip
     out = torch.empty_like(q)
     _decode_reduce_kernel[(b * n,)](

@@ -59,6 +59,10 @@ def test_opcheck():
     x, total, sent, rec = _case("gated", torch.float32, l=2, b=1, s=3, d=8)
     torch.library.opcheck(K.reception_op, (x, total, sent, rec.gate[0].detach().requires_grad_(), "gated", 4, 1e-5))
     torch.library.opcheck(K.reception_op, (x, total, sent, None, "mean", 4, 1e-5))
+    gate = rec.gate[0].detach()
+    _, rstd = K.reception_op(x.detach(), total.detach(), sent.detach(), gate, "gated", 4, 1e-5)
+    dy = torch.randn(x.shape)
+    torch.library.opcheck(K.reception_bwd_op, (dy, total.detach(), sent.detach(), gate, rstd, "gated", 4))
 
 
 def test_bad_arguments_are_explained():

@@ -78,6 +78,8 @@ def test_opcheck():
     w = torch.randn(2, 12, requires_grad=True)
     torch.library.opcheck(K.rms_norm_op, (x, r, w, 1e-5))
     torch.library.opcheck(K.rms_norm_op, (x, None, w[:1], 1e-5))
+    _, s, rstd = K.rms_norm_op(x.detach(), r.detach(), w.detach(), 1e-5)
+    torch.library.opcheck(K.rms_norm_bwd_op, (torch.randn_like(s), torch.randn_like(s), s, w.detach(), rstd))
 
 
 def test_bad_weight_shape_is_explained():

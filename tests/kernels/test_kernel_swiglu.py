@@ -67,6 +67,7 @@ def test_a_wrong_lane_offset_is_detected(close):
 def test_opcheck():
     g, u = torch.randn(3, 5, requires_grad=True), torch.randn(3, 5, requires_grad=True)
     torch.library.opcheck(K.swiglu_op, (g, u))
+    torch.library.opcheck(K.swiglu_bwd_op, (torch.randn(3, 5), g.detach(), u.detach()))
     x = torch.randn(2, 1, 3, 8, requires_grad=True)
     act = torch.randn(2, 1, 3, 5, requires_grad=True)
     w = torch.randn(2, 5, 4, requires_grad=True)
