@@ -162,6 +162,7 @@ def report_main(argv: list[str] | None = None) -> int:
     p.add_argument("paths", nargs="+", help="sweep directories (with manifest.json) or directories of runs")
     p.add_argument("--out", default=None, help="output directory (default: <first path>/report)")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--decode", default=None, help="benchmarks/decode_schedules.py JSON: plot loss vs decode latency")
     args = p.parse_args(argv)
     try:
         rows = collect(args.paths)
@@ -177,6 +178,14 @@ def report_main(argv: list[str] | None = None) -> int:
 
         for path in plot_sweep(rows, out):
             print(f"plot -> {path}")
+    if args.decode:  # quality-speed frontier of the communication schedules (tpblocks/sweeps/frontier.py)
+        from .frontier import frontier_figure, frontier_points
+
+        try:
+            print(f"plot -> {frontier_figure(frontier_points(rows, args.decode), out / 'frontier.png')}")
+        except (OSError, ValueError, KeyError) as err:
+            print(f"error: --decode {args.decode}: {err!r}", file=sys.stderr)
+            return 2
     counts: dict[str, int] = {}
     for row in rows:
         counts[row.get("status", "?")] = counts.get(row.get("status", "?"), 0) + 1
