@@ -154,9 +154,11 @@ def run(quick: bool) -> dict:
         print(f"device: {torch.cuda.get_device_name()}  dtype: {dtype}  (triton vs torch eager vs torch.compile)")
     else:
         bench = lambda fn: _cpu_bench(fn, 0.5 if quick else 2.0)  # noqa: E731
+        cpu = info.get("cpu_model") or info.get("processor")
         print(
-            f"no CUDA device: timing the reference path only (torch eager on {info['processor']}, "
-            f"{torch.get_num_threads()} threads); Triton kernels need a GPU (the interpreter is for correctness only)"
+            f"no CUDA device: timing the reference path only (torch eager on {cpu}, {torch.get_num_threads()} "
+            f"threads, load average {info.get('loadavg_1_5_15')}); Triton kernels need a GPU (the interpreter is "
+            f"for correctness only)"
         )
     rows = []
     for case in build_cases(quick, device, dtype):
