@@ -44,12 +44,14 @@ class Calibration:
     beta_bytes: int
     threads: int
     host: str
+    t_sync_in_compute: float = 0.0  # s, extra cost of a sync placed after a layer's matvec (measure_sync_in_compute)
 
-    def hardware(self, name: str = "this_machine") -> Hardware:
+    def hardware(self, name: str = "this_machine", in_compute: bool = False) -> Hardware:
+        """A preset; ``in_compute`` uses the sync cost measured between matvecs instead of back to back."""
         return Hardware(
             name=name,
             beta=self.beta,
-            t_sync=self.t_sync,
+            t_sync=self.t_sync_in_compute if in_compute else self.t_sync,
             source=f"measured on {self.host}: {self.world} {self.backend} ranks x {self.threads} thread(s), "
             f"{self.sync_bytes} B all-reduce, {self.beta_bytes / 2**20:.0f} MiB matvec",
         )
@@ -83,6 +85,36 @@ def measure_t_sync(group=None, nbytes: int = 4096, iters: int = 300, warmup: int
     return float(stats[0]), float(stats[1]), float(stats[2])
 
 
+def measure_sync_in_compute(group=None, work_bytes: int = 2 * 2**20, nbytes: int = 4096, iters: int = 100) -> float:
+    """Extra seconds per sync when each sync follows a matvec over ``work_bytes`` (a layer's weights), as in a
+    decode step: mean of (matvec + all-reduce) minus mean of matvec alone, rounds interleaved.
+
+    Unlike the back-to-back ``measure_t_sync``, the ranks arrive at each sync at slightly different times, so
+    this includes the wait for the slower rank (jitter, other processes) that a real decode pays at every sync.
+    Returns 0 without a process group.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return 0.0
+    cols = 1024
+    w = torch.randn(max(1, work_bytes // (4 * cols)), cols)
+    v = torch.randn(cols)
+    x = torch.ones(max(1, nbytes // 4))
+    with_sync, alone = [], []
+    dist.barrier(group=group)
+    for _ in range(max(1, iters // 10)):
+        for synced, out in ((True, with_sync), (False, alone)):
+            t0 = time.perf_counter()
+            for _ in range(10):
+                torch.mv(w, v)
+                if synced:
+                    dist.all_reduce(x, group=group)
+            out.append((time.perf_counter() - t0) / 10)
+            dist.barrier(group=group)
+    extra = torch.tensor([statistics.median(with_sync) - statistics.median(alone)], dtype=torch.float64)
+    dist.all_reduce(extra, group=group)
+    return max(0.0, float(extra) / dist.get_world_size(group))
+
+
 def measure_beta(nbytes: int = 128 * 2**20, iters: int = 15, warmup: int = 3, group=None) -> tuple[float, float]:
     """(matvec read bandwidth, copy read+write bandwidth) in bytes/s, medians; all ranks measure together."""
     cols = 4096
@@ -108,11 +140,14 @@ def measure_beta(nbytes: int = 128 * 2**20, iters: int = 15, warmup: int = 3, gr
     return w.nbytes / t_mv, 2 * w.nbytes / t_copy
 
 
-def calibrate(group=None, beta_bytes: int = 128 * 2**20, sync_bytes: int = 4096, iters: int = 300) -> Calibration:
+def calibrate(
+    group=None, beta_bytes: int = 128 * 2**20, sync_bytes: int = 4096, iters: int = 300, work_bytes: int | None = None
+) -> Calibration:
     """Measure t_sync over ``group`` (default: the world) and beta on this rank; every rank gets the result."""
     distributed = dist.is_available() and dist.is_initialized()
     t_sync, p10, p90 = measure_t_sync(group, sync_bytes, iters=iters, warmup=max(5, iters // 10))
     beta, beta_copy = measure_beta(beta_bytes, group=group)
+    in_compute = measure_sync_in_compute(group, work_bytes or max(4096, beta_bytes // 16), sync_bytes, iters)
     world = dist.get_world_size(group) if distributed else 1
     if distributed and world > 1:
         b = torch.tensor([beta, beta_copy], dtype=torch.float64)
@@ -122,6 +157,7 @@ def calibrate(group=None, beta_bytes: int = 128 * 2**20, sync_bytes: int = 4096,
         t_sync=t_sync, t_sync_p10=p10, t_sync_p90=p90, sync_bytes=sync_bytes, world=world,
         backend=dist.get_backend(group) if distributed else "none", beta=beta, beta_copy=beta_copy,
         beta_bytes=beta_bytes, threads=torch.get_num_threads(), host=platform.node() or "unknown",
+        t_sync_in_compute=in_compute,
     )  # fmt: skip
 
 
@@ -179,7 +215,8 @@ def main(argv: list[str] | None = None) -> None:
     hw = result.hardware()
     p10, p90 = result.t_sync_p10 * 1e6, result.t_sync_p90 * 1e6
     print(f"t_sync  {result.t_sync * 1e6:8.1f} us  (p10 {p10:.1f}, p90 {p90:.1f};"
-          f" {result.world} x {result.backend}, {result.sync_bytes} B)")  # fmt: skip
+          f" {result.world} x {result.backend}, {result.sync_bytes} B; "
+          f"{result.t_sync_in_compute * 1e6:.1f} us when placed between matvecs)")  # fmt: skip
     print(f"beta    {result.beta / 1e9:8.2f} GB/s matvec read   ({result.beta_copy / 1e9:.2f} GB/s copy r+w, "
           f"{result.beta_bytes / 2**20:.0f} MiB, {result.threads} thread(s) per rank)")  # fmt: skip
     print(f"preset  {hw}")
