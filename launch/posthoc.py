@@ -48,7 +48,9 @@ def _lora_rows(text: str) -> tuple[str, ...]:
     """``7,15,lp2:6`` -> ("cfg7", "cfg15", "LP[2,6)")."""
     rows = []
     for part in filter(None, (p.strip().lower() for p in text.split(","))):
-        if part.startswith("lp"):
+        if part == "base":
+            rows.append("base")
+        elif part.startswith("lp"):
             ((s, e),) = _ranges(part[2:])
             rows.append(f"LP[{s},{e})")
         else:
@@ -67,7 +69,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--range", nargs=2, type=int, metavar=("START", "END"), help="Table-1 layer range")
     p.add_argument("--configs", default="1-16", help="Table-1 IDs, e.g. 1-16 or 3,7,15")
     p.add_argument("--lp-ranges", default=None, help="Layer-Parallelism ranges, e.g. 3:5,2:6,1:7")
-    p.add_argument("--lora", default="7,15", help="rows to LoRA-recover: Table-1 IDs and/or lpSTART:END ('' = none)")
+    p.add_argument(
+        "--lora", default="base,7,15", help="rows to LoRA-tune: 'base' (control), Table-1 IDs, lpSTART:END ('' = none)"
+    )
     p.add_argument("--lora-steps", type=int, default=150)
     p.add_argument("--window", type=int, default=256)
     p.add_argument("--stride", type=int, default=128)

@@ -96,7 +96,7 @@ def run_table(
         ppl = perplexity(m, eval_ids, window=spec.window, stride=spec.stride).ppl
         base_ppl = ppl if base_ppl is None else base_ppl
         m.comm.counter.reset()
-        dec = measure_decode(m, prompt, new_tokens=spec.decode_tokens)
+        dec = measure_decode(m, prompt, new_tokens=spec.decode_tokens, repeats=2)
         row = {
             "row": name,
             **desc,
