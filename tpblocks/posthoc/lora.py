@@ -84,6 +84,7 @@ def add_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
         reason = qlora_unavailable_reason()
         if reason:
             raise RuntimeError(reason)
+        model.cuda()  # NF4 weights and their kernels live on the GPU; the rest of the model follows
         _quantise_4bit_(model, cfg.targets)
     found = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     missing = set(cfg.targets) - found
