@@ -3,8 +3,9 @@
 Each of 2 spawned processes loads the same checkpoint, then times a greedy KV-cache decode for
   TP      every layer Megatron-sharded (``tpblocks.parallel.shard_model``): 2 all-reduces per layer
   LP[a,b) pairs in [a, b) whole on one rank each, one all-reduce per pair, TP elsewhere
-(``distribute_layer_pairs``). Rank 0 returns the medians. On a shared CPU host the figures mostly measure the
-all-reduce count (gloo latency dominates a tiny model); on GPUs they would also show halved per-rank compute.
+(``distribute_layer_pairs``), in interleaved rounds; the slower rank's median step time is reported.
+On a shared CPU host the figures mostly measure the all-reduce count (gloo latency dominates a tiny model);
+on GPUs they would also show the halved per-rank compute of the pairs.
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ from __future__ import annotations
 import copy
 import json
 import os
+import statistics
 import tempfile
 from datetime import timedelta
 
 import torch
 
 
-def _worker(rank: int, world: int, init_file: str, checkpoint: str, ranges, prompt, new_tokens, out_file):
+def _worker(rank: int, world: int, init_file: str, checkpoint: str, ranges, prompt, new_tokens, rounds, out_file):
     import torch.distributed as dist
 
     from tpblocks.parallel import MeshComm, shard_model
@@ -33,17 +35,26 @@ def _worker(rank: int, world: int, init_file: str, checkpoint: str, ranges, prom
     try:
         full = load_llama_family(checkpoint)
         comm = MeshComm()
+        candidates = {"TP": shard_model(copy.deepcopy(full), comm)}
+        for s, e in ranges:
+            cfg = LayerPairConfig(start=s, end=e)
+            candidates[cfg.name] = distribute_layer_pairs(full, cfg, comm)
+        times: dict[str, list[float]] = {name: [] for name in candidates}
+        syncs: dict[str, float] = {}
+        # Interleaved rounds: load from other processes on the host hits every schedule alike.
+        for _ in range(rounds):
+            for name, model in candidates.items():
+                comm.counter.reset()
+                dist.barrier()
+                res = measure_decode(model, prompt, new_tokens=new_tokens, warmup=2)
+                times[name].append(res.ms_per_token)
+                syncs[name] = res.syncs_per_token
         rows = []
-        candidates = [("TP", None)] + [(LayerPairConfig(start=s, end=e).name, (s, e)) for s, e in ranges]
-        for name, rng in candidates:
-            if rng is None:
-                model = shard_model(copy.deepcopy(full), comm)
-            else:
-                model = distribute_layer_pairs(full, LayerPairConfig(start=rng[0], end=rng[1]), comm)
-            comm.counter.reset()
-            dist.barrier()
-            res = measure_decode(model, prompt, new_tokens=new_tokens, warmup=3)
-            rows.append({"row": name, "ms_per_token_2rank": res.ms_per_token, "syncs_per_token": res.syncs_per_token})
+        for name in candidates:
+            # A group step ends when its slowest rank does: report the larger of the two ranks' medians.
+            t = torch.tensor([statistics.median(times[name])])
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            rows.append({"row": name, "ms_per_token_2rank": float(t), "syncs_per_token": syncs[name]})
         if rank == 0:
             with open(out_file, "w") as f:
                 json.dump(rows, f)
@@ -52,14 +63,16 @@ def _worker(rank: int, world: int, init_file: str, checkpoint: str, ranges, prom
         dist.destroy_process_group()
 
 
-def measure_lp_latency(checkpoint: str | os.PathLike, ranges, prompt: list[int], new_tokens: int = 32) -> list[dict]:
+def measure_lp_latency(
+    checkpoint: str | os.PathLike, ranges, prompt: list[int], new_tokens: int = 32, rounds: int = 3
+) -> list[dict]:
     """Spawn 2 gloo ranks; decode ms/token and syncs/token for TP and each LP range (rank 0's figures)."""
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
         out_file = os.path.join(tmp, "rows.json")
-        args = (2, os.path.join(tmp, "rdzv"), str(checkpoint), [tuple(r) for r in ranges], list(prompt), new_tokens,
-                out_file)  # fmt: skip
+        rdzv, ranges = os.path.join(tmp, "rdzv"), [tuple(r) for r in ranges]
+        args = (2, rdzv, str(checkpoint), ranges, list(prompt), new_tokens, rounds, out_file)
         mp.spawn(_worker, args=args, nprocs=2, join=True)
         with open(out_file) as f:
             return json.load(f)
