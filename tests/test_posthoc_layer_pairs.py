@@ -1,4 +1,6 @@
-"""Layer Parallelism: pair semantics, KV cache at original slots, counted syncs, and the real 2-rank placement."""
+"""Layer Parallelism: pair semantics, KV cache slots, counted syncs, 2-rank placement; Table-1 groups under TP."""
+
+import copy
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from tpblocks.posthoc.layer_pairs import (
     distribute_layer_pairs,
     expected_lp_syncs_per_token,
 )
+from tpblocks.posthoc.parallelise import TABLE1, expected_syncs_per_token, parallelise
 
 
 def _model(n_layers=6, seed=0):
@@ -74,7 +77,7 @@ def test_one_counted_sync_per_pair(start, end):
 
 
 def _distributed_worker(rank, world):
-    from tpblocks.parallel import CollectiveAudit, MeshComm
+    from tpblocks.parallel import CollectiveAudit, MeshComm, shard_model
 
     m, x = _model(), _tokens()
     cfg = LayerPairConfig(start=1, end=5)
@@ -97,6 +100,17 @@ def _distributed_worker(rank, world):
     with torch.no_grad():
         steps = [d(x[:, :4], cache)] + [d(x[:, t : t + 1], cache) for t in range(4, 10)]
     torch.testing.assert_close(torch.cat(steps, 1), ref, rtol=1e-4, atol=1e-5)
+
+    # Table-1 groups under real 2-way tensor parallelism: partial outputs reduced once per sub-layer kind.
+    for cid in (1, 5, 8, 13):
+        c = TABLE1[cid]
+        ref = parallelise(m, c, 2, 6)(x)
+        sharded = parallelise(shard_model(copy.deepcopy(m), MeshComm()), c, 2, 6, inplace=True)
+        with torch.no_grad(), CollectiveAudit() as audit:
+            sharded.comm.counter.reset()
+            out = sharded(x)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        assert audit.calls["all_reduce"] == sharded.comm.counter.blocking == expected_syncs_per_token(6, c, 2, 6)
 
 
 @pytest.mark.distributed
