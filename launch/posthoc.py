@@ -1,7 +1,7 @@
 """Parallelise a pre-trained Llama post hoc and print the comparison table (docs/posthoc.md).
 
     python launch/posthoc.py                                  # tiny byte-level Llama trained on WikiText-2 (cached)
-    python launch/posthoc.py --quick                          # smaller/faster everything (~ a few minutes)
+    python launch/posthoc.py --quick                          # fewer tokens and steps everywhere
     python launch/posthoc.py --checkpoint DIR --tokenizer DIR # any local LlamaForCausalLM / MistralForCausalLM
     python launch/posthoc.py --range 2 6 --lp-ranges 3:5,2:6,1:7 --lora 7,15,lp2:6 --json out.json
 
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--stride", type=int, default=128)
     p.add_argument("--eval-tokens", type=int, default=20_000)
     p.add_argument("--decode-tokens", type=int, default=32)
-    p.add_argument("--quick", action="store_true", help="fewer eval tokens / steps (about a few minutes)")
+    p.add_argument("--quick", action="store_true", help="fewer eval tokens and training/LoRA steps")
     p.add_argument("--distributed", action="store_true", help="also time TP vs LP decode on 2 gloo ranks")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = p.parse_args(argv)
@@ -170,4 +170,7 @@ def _config_ids(text: str) -> tuple[int, ...]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError, RuntimeError) as err:  # bad arguments or files: a message, no traceback
+        raise SystemExit(f"posthoc: {err}") from None
