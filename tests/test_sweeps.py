@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from tpblocks.models import TransformerLM, get_flavor
-from tpblocks.sweeps import collect, extremum_distance, extremum_distance_curve, write_csv
-from tpblocks.sweeps.collect import read_csv
+from tpblocks.sweeps.collect import collect, extremum_distance, extremum_distance_curve, read_csv, write_csv
 from tpblocks.sweeps.grids import GRIDS, expand, get_scale, parse_values
 from tpblocks.sweeps.manifest import build_manifest, finalize_task, read_manifest
 from tpblocks.sweeps.plots import plot_sweep

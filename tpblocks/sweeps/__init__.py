@@ -9,23 +9,30 @@
   cli.py       ``launch/slurm/submit.py`` and ``launch/report.py``
 """
 
-from .collect import collect, extremum_distance, extremum_distance_curve, write_csv
-from .grids import GRIDS, SCALES, Scale, SweepPoint, expand, get_scale
-from .manifest import Manifest, build_manifest, finalize_task, read_manifest
+# (``collect`` is the submodule; its function is ``tpblocks.sweeps.collect.collect``.)
+# Lazy exports: `python -m tpblocks.sweeps.task` runs 2-3 times per Slurm array element and must not pay for
+# importing torch and matplotlib each time.
+_EXPORTS = {
+    "extremum_distance": "collect",
+    "extremum_distance_curve": "collect",
+    "write_csv": "collect",
+    "GRIDS": "grids",
+    "SCALES": "grids",
+    "Scale": "grids",
+    "SweepPoint": "grids",
+    "expand": "grids",
+    "get_scale": "grids",
+    "Manifest": "manifest",
+    "build_manifest": "manifest",
+    "finalize_task": "manifest",
+    "read_manifest": "manifest",
+}
+__all__ = sorted(_EXPORTS)
 
-__all__ = [
-    "GRIDS",
-    "SCALES",
-    "Manifest",
-    "Scale",
-    "SweepPoint",
-    "build_manifest",
-    "collect",
-    "expand",
-    "extremum_distance",
-    "extremum_distance_curve",
-    "finalize_task",
-    "get_scale",
-    "read_manifest",
-    "write_csv",
-]
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

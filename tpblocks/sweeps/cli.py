@@ -20,21 +20,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+# The report needs neither torch nor the grids: those are imported by the submit path only.
 from .collect import collect, format_table, write_csv
-from .grids import GRIDS, SCALES, expand, get_scale, parse_values
-from .manifest import DEFAULT_ENTRY, build_manifest
-from .submit import (
-    BACKENDS,
-    REPO,
-    SlurmResources,
-    hydra_command,
-    run_hydra,
-    run_local,
-    submit_sbatch,
-    submit_submitit,
-    wait_for_array,
-    with_repo,
-)
+from .manifest import DEFAULT_ENTRY, REPO
 
 EXPERIMENT_DIR = REPO / "conf" / "experiment"
 
@@ -65,6 +53,9 @@ def _knob_items(items: list[str]) -> dict[str, str]:
 
 
 def submit_parser() -> argparse.ArgumentParser:
+    from .grids import GRIDS, SCALES
+    from .submit import BACKENDS
+
     p = argparse.ArgumentParser(prog="launch/slurm/submit.py", description="Submit a whole §6 sweep.")
     p.add_argument("sweep", help=f"a grid ({', '.join(GRIDS)}) or a conf/experiment/sweep_*.yaml name")
     p.add_argument("--scale", choices=sorted(SCALES), help="knob preset (default: the YAML's, else tiny)")
@@ -101,6 +92,19 @@ def submit_main(argv: list[str] | None = None) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
+    from .grids import GRIDS, expand, get_scale, parse_values
+    from .manifest import build_manifest
+    from .submit import (
+        SlurmResources,
+        hydra_command,
+        run_hydra,
+        run_local,
+        submit_sbatch,
+        submit_submitit,
+        wait_for_array,
+        with_repo,
+    )
+
     spec: dict[str, Any] = {"grid": args.sweep}
     if args.sweep not in GRIDS:
         spec = load_sweep_yaml(args.sweep)

@@ -21,10 +21,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .grids import Scale, SweepPoint, model_overrides
+if TYPE_CHECKING:  # grids imports the model zoo (torch); array tasks only read manifests
+    from .grids import Scale, SweepPoint
 
+REPO = Path(__file__).resolve().parents[2]  # the checkout this code runs from
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
 DEFAULT_ENTRY = "launch/train.py"
@@ -122,6 +124,8 @@ def build_manifest(
 ) -> Manifest:
     """Turn grid points into tasks: model overrides + training overrides + ``run_dir`` (+ user extras last,
     so they win)."""
+    from .grids import model_overrides
+
     sweep_dir = Path(sweep_dir).resolve()
     tasks, invalid = [], []
     for point in points:

@@ -29,10 +29,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .manifest import Manifest
+from .manifest import REPO, Manifest
 from .task import run_task
 
-REPO = Path(__file__).resolve().parents[2]
 SBATCH_SCRIPT = REPO / "launch" / "slurm" / "sweep_array.sbatch"
 BACKENDS = ("sbatch", "submitit", "hydra", "local")
 CONF_DIR = REPO / "conf"
