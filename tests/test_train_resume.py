@@ -19,7 +19,7 @@ from tpblocks.train import checkpoint as ckpt_io
 
 __all__ = ["tiny_data"]
 
-STEPS, EVERY = 16, 4
+STEPS, EVERY = 12, 4
 KEYS = ("step", "lr", "train_loss", "tokens", "eval_loss", "grad_norm")
 
 
