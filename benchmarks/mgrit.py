@@ -2,7 +2,7 @@
 
 Two gloo ranks on this machine (torch.multiprocessing spawn, one thread each). For every depth, the serial
 forward+backward runs on rank 0 alone (one core; rank 1 idles at a barrier), then MGRIT on both ranks for
-several iteration counts, timed round-robin (median of repeats). Beside each measured ratio: the gradient's
+several iteration counts, all timed round-robin (median of repeats). Beside each measured ratio: the gradient's
 relative error against serial, the a-posteriori estimate the monitor sees, and the *analytic* speed-up of the
 same configuration for P processors (tpblocks.parallel.mgrit.cost: layer evaluations on the critical path,
 messages ignored).
@@ -64,14 +64,10 @@ def _rel(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return float((fa - fb).norm() / fb.norm())
 
 
-def _time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _time_once(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def _ping_pong_ms(rank: int, numel: int, repeats: int = 50) -> float:
@@ -153,24 +149,33 @@ def _worker(rank, world, init_file, out_file, depths: list[int], iters: list[int
             serial = MGRITStack(model.stages, MGRITConfig(), call=call, link=None)
             serial.serial = True  # the plain loop under ordinary autograd, on this rank only
             g_ref = _fwd_bwd(serial, x, gy)
-            dist.barrier()
-            t_serial = _time(lambda s=serial, x=x, gy=gy: _fwd_bwd(s, x, gy), repeats) if rank == 0 else 0.0
-            dist.barrier()
+            stacks, accuracy = {}, {}
             for it in iters:
                 cfg = MGRITConfig(levels=LEVELS, cf=CF, iters=it, relax=RELAX, max_iters=max(8, it))
-                stack = MGRITStack(model.stages, cfg, call=call)
-                g = _fwd_bwd(stack, x, gy)
-                est = stack.last_stats["grad_err_est"]
-                t_mgrit = _time(lambda s=stack, x=x, gy=gy: _fwd_bwd(s, x, gy), repeats)
+                stacks[it] = MGRITStack(model.stages, cfg, call=call)
+                g = _fwd_bwd(stacks[it], x, gy)  # also the warm-up
+                accuracy[it] = (_rel(g, g_ref), stacks[it].last_stats["grad_err_est"])
+            # Round-robin (serial, then each iteration count, repeated) so load drifts hit all alike.
+            times: dict = {"serial": [], **{it: [] for it in iters}}
+            for _ in range(repeats):
+                dist.barrier()
+                if rank == 0:  # serial on one rank while the other waits at the barrier
+                    times["serial"].append(_time_once(lambda s=serial, x=x, gy=gy: _fwd_bwd(s, x, gy)))
+                for it in iters:
+                    dist.barrier()
+                    times[it].append(_time_once(lambda s=stacks[it], x=x, gy=gy: _fwd_bwd(s, x, gy)))
+            t_serial = statistics.median(times["serial"]) if rank == 0 else 0.0
+            for it in iters:
+                t_mgrit = statistics.median(times[it])
+                err, est = accuracy[it]
                 a = {p: round(analytic_speedup(depth, p, cf=CF, levels=LEVELS, iters=it, relax=RELAX)["speedup"], 2)
                      if p <= depth else "n/a" for p in ANALYTIC_P}  # fmt: skip
                 rows.append({
                     "depth": depth, "iters": it, "serial_ms": round(t_serial * 1e3, 1),
                     "mgrit_2r_ms": round(t_mgrit * 1e3, 1), "measured_x": round(t_serial / t_mgrit, 2),
                     **{f"analytic_P{p}": a[p] for p in ANALYTIC_P},
-                    "grad_rel_err": f"{_rel(g, g_ref):.1e}", "grad_err_est": f"{est:.1e}",
+                    "grad_rel_err": f"{err:.1e}", "grad_err_est": f"{est:.1e}",
                 })  # fmt: skip
-                dist.barrier()
         train_rows = _training_rows(train_steps)
         if rank == 0:
             with open(out_file, "w") as f:
