@@ -8,8 +8,8 @@ Arguments (key=value):
   checkpoint      a run directory (uses checkpoints/latest), a checkpoint directory holding model.pt, or a
                   model.pt file (tpblocks.models.io format)
   prompt          text (needs a tokenizer), or prompt_ids=[1,2,3] as token ids
-  tokenizer       sentencepiece .model; default: data.tokenizer_path from the run's config.yaml. Without one,
-                  only token ids are printed
+  tokenizer       sentencepiece .model; default: data.tokenizer_path from the run's config.yaml, else the
+                  tokenizer the trainer cached for that data config. Without one, only token ids are printed
   max_new_tokens  (32) temperature (0 = greedy) top_k (none) seed (0) eos (stop at the tokenizer's EOS: true)
 """
 
@@ -89,7 +89,19 @@ def find_tokenizer(explicit: str | None, run_dir: Path | None) -> Path | None:
             return Path(value).expanduser()
     if run_dir is not None and (run_dir / "tokenizer.model").is_file():
         return run_dir / "tokenizer.model"
-    return None
+    return _trained_tokenizer(data) if data else None
+
+
+def _trained_tokenizer(data: dict) -> Path | None:
+    """The tokenizer the trainer trained and cached for this data config (data.tokenizer_path: null), if present."""
+    try:
+        from tpblocks.data import DataConfig
+        from tpblocks.data.prepare import tokenizer_cache_path
+
+        path = tokenizer_cache_path(DataConfig.from_dict(data))
+    except Exception:  # best effort: an old or foreign config just means "no tokenizer found"
+        return None
+    return path if path.is_file() else None
 
 
 def main(argv: list[str]) -> int:
