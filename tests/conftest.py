@@ -21,6 +21,10 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+# Tests run tiny models: one thread avoids OpenMP overhead and oversubscription when several ranks share 2 cores.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_dtype():
     torch.manual_seed(0)
