@@ -49,7 +49,7 @@ def test_two_rank_lp_latency_counts(tmp_path):
     from tpblocks.posthoc.lp_latency import measure_lp_latency
 
     save_llama(_model(), tmp_path / "ckpt")
-    rows = measure_lp_latency(tmp_path / "ckpt", [(1, 3), (0, 4)], prompt=list(range(8)), new_tokens=3)
+    rows = measure_lp_latency(tmp_path / "ckpt", [(1, 3), (0, 4)], prompt=list(range(8)), new_tokens=3, rounds=1)
     assert [r["row"] for r in rows] == ["TP", "LP[1,3)", "LP[0,4)"]
     assert [r["syncs_per_token"] for r in rows] == [8, 5, 2]
     assert all(r["ms_per_token_2rank"] > 0 for r in rows)
