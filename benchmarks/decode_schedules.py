@@ -12,8 +12,10 @@ ceiling). In one run:
   3. count syncs per token twice: ``comm.counter`` (what the model asks) and ``CollectiveAudit`` (what reaches
      torch.distributed), and predict each from ``perfmodel``: bytes per rank / beta + blocking syncs x t_sync +
      the exposed part of the overlapped ones (``pred ms``; ``pred ms no-ovl`` charges them a full t_sync,
-     which is what gloo on a shared CPU gives, see TOOLCHAIN.md §3).
-Timing, warm-up and the group median are ``benchmarks/decode.py``'s own functions.
+     which is what gloo on a shared CPU gives, see TOOLCHAIN.md §3); ``pred* ms`` uses the sync cost measured
+     between matvecs (``calibrate``'s in-compute t_sync) instead of back-to-back all-reduces.
+Timing, warm-up and the group median are ``benchmarks/decode.py``'s own functions, and its defaults (hidden 384,
+short rounds interleaved over every configuration).
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks.common import machine_info, print_table, write_json  # noqa: E402
-from benchmarks.decode import group_median, time_decode  # noqa: E402
+from benchmarks.common import busy_machine_warning, machine_info, print_table, write_json  # noqa: E402
+from benchmarks.decode import _group_quantile, time_decode  # noqa: E402
 from tpblocks.infer import perfmodel as pm  # noqa: E402
 from tpblocks.infer.calibrate import calibrate  # noqa: E402
 from tpblocks.models import ModelConfig, build_model, total_parameters  # noqa: E402
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="batch-1 decode of every communication schedule vs the model")
     parser.add_argument("--quick", action="store_true", help="fewer tokens and rounds (about a minute)")
     parser.add_argument("--json", type=str, default=None, help="write every figure here")
-    parser.add_argument("--hidden", type=int, default=768, help="Llama hidden size (sets the parameter budget)")
+    parser.add_argument("--hidden", type=int, default=384, help="Llama hidden size, a multiple of 24 (sets the budget)")
     parser.add_argument("--depth", type=int, default=8, help="sequential depth of every model")
     parser.add_argument("--track-depth", type=int, default=4, help="Parallel Track: layers between two syncs")
     parser.add_argument("--vocab", type=int, default=4096)
@@ -78,8 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=None, help="timed decode steps per round")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds over all configurations")
     args = parser.parse_args(argv)
-    tokens = args.tokens or (24 if args.quick else 64)
-    rounds = args.rounds or (2 if args.quick else 4)
+    if args.hidden % 24:
+        parser.error(f"--hidden={args.hidden} must be a multiple of 24 (12 heads of even size, split over 2 ranks)")
+    tokens = args.tokens or (16 if args.quick else 32)
+    rounds = args.rounds or (3 if args.quick else 10)
     rank, world = init_distributed()
     if world < 2:
         print("error: run under torchrun with 2+ ranks: torchrun --standalone --nproc_per_node=2 "
@@ -97,11 +101,13 @@ def _run(args, rank: int, world: int, tokens: int, rounds: int, warmup: int) -> 
     mesh = ParallelDims(dp=1, lane=world, world_size=world).build_mesh("cpu")
     context = args.prompt + warmup + tokens / 2  # average KV length during the timed steps
     tp_bytes = pm.decode_bytes(cfgs["llama"], devices=world, context=context, precision=4).total
-    calib = calibrate(beta_bytes=int(tp_bytes), sync_bytes=4 * args.hidden, iters=100 if args.quick else 400)
-    hw = calib.hardware()
+    calib = calibrate(beta_bytes=int(tp_bytes), sync_bytes=4 * args.hidden, iters=100 if args.quick else 400,
+                      work_bytes=int(tp_bytes / (2 * args.depth)))  # a Llama-TP sync follows half a layer  # fmt: skip
+    hw, hw_star = calib.hardware(), calib.hardware("this_machine_in_compute", in_compute=True)
     if rank == 0:
         print(f"calibrated: t_sync {hw.t_sync * 1e6:.0f} us (p10 {calib.t_sync_p10 * 1e6:.0f}, "
-              f"p90 {calib.t_sync_p90 * 1e6:.0f}), beta {hw.beta / 1e9:.2f} GB/s; {tokens} steps x {rounds} rounds",
+              f"p90 {calib.t_sync_p90 * 1e6:.0f}; {hw_star.t_sync * 1e6:.0f} between matvecs), "
+              f"beta {hw.beta / 1e9:.2f} GB/s; {tokens} steps x {rounds} rounds",
               flush=True)  # fmt: skip
 
     runs: dict[str, tuple] = {}  # label -> (schedule, cfg, model, communicate)
@@ -124,9 +130,10 @@ def _run(args, rank: int, world: int, tokens: int, rounds: int, warmup: int) -> 
 
     figures = {}
     for label, (name, cfg, _, communicate) in runs.items():
-        measured = group_median(times[label])
+        measured = _group_quantile(times[label], 0.5, world)
         blocking, overlapped, collectives, async_ops = counted[label]
         pred = pm.predict(cfg, hw, devices=world, context=context, precision=4, communicate=communicate)
+        pred_star = pm.predict(cfg, hw_star, devices=world, context=context, precision=4, communicate=communicate)
         no_overlap = pred.t_decode
         if communicate and cfg.arch in pm.OVERLAPPED_SCHEDULES:
             no_overlap = pred.t_memory + pred.t_sync_total - pm.exposed_overlapped_time(
@@ -140,6 +147,7 @@ def _run(args, rank: int, world: int, tokens: int, rounds: int, warmup: int) -> 
             syncs_blocking_formula=pm.syncs_for_config(cfg) if communicate else 0,
             syncs_overlapped_formula=pm.overlapped_syncs_for_config(cfg) if communicate else 0,
             measured_s=measured, predicted_s=pred.t_decode, predicted_no_overlap_s=no_overlap,
+            predicted_in_compute_s=pred_star.t_decode,
             predicted_memory_s=pred.t_memory, config=cfg.to_dict(),
         )  # fmt: skip
     if rank != 0:
@@ -164,6 +172,7 @@ def _run(args, rank: int, world: int, tokens: int, rounds: int, warmup: int) -> 
             "meas ms": f"{f['measured_s'] * 1e3:.2f}",
             "pred ms": f"{f['predicted_s'] * 1e3:.2f}",
             "pred ms no-ovl": f"{f['predicted_no_overlap_s'] * 1e3:.2f}",
+            "pred* ms": f"{f['predicted_in_compute_s'] * 1e3:.2f}",
             "meas/pred": f"{f['measured_s'] / f['predicted_s']:.2f}",
             "speedup": f"{f['speedup_vs_llama_tp']:.2f}",
             "pred speedup": f"{f['predicted_speedup_vs_llama_tp']:.2f}",
@@ -173,12 +182,16 @@ def _run(args, rank: int, world: int, tokens: int, rounds: int, warmup: int) -> 
         f"\nbatch-1 decode, every schedule at {figures['llama-TP']['params'] / 1e6:.1f}M parameters, depth "
         f"{args.depth}, {world} ranks (gloo), fp32 (t_sync {hw.t_sync * 1e6:.0f} us, beta {hw.beta / 1e9:.2f} GB/s "
         f"measured in this run); syncs b+o = blocking + overlapped per token"))  # fmt: skip
+    warning = busy_machine_warning()
+    if warning:
+        print(warning)
     info = machine_info()
     print(f"machine: {info}")
     if args.json:
         write_json(args.json, {
             "benchmark": "decode_schedules", "world": world, "tokens": tokens, "rounds": rounds,
-            "prompt": args.prompt, "calibration": calib.as_dict(), "hardware": hw.__dict__, "results": figures,
+            "prompt": args.prompt, "calibration": calib.as_dict(), "hardware": hw.__dict__,
+            "hardware_in_compute": hw_star.__dict__, "results": figures, "warning": warning,
             "machine": info,
         })  # fmt: skip
     return 0
