@@ -12,6 +12,7 @@ from collections import Counter
 
 import torch.distributed as dist
 
+from ..infer.perfmodel import syncs_for_config
 from ..models.config import ModelConfig
 
 COLLECTIVES = (
@@ -72,7 +73,5 @@ class CollectiveAudit:
 
 
 def expected_syncs_per_token(cfg: ModelConfig) -> int:
-    """Blocking syncs of one forward: 2 per classic layer, 1 per TP block (report Eq. 9-10)."""
-    if cfg.arch == "llama":
-        return 2 * cfg.n_layers
-    return cfg.tp_block_repetition * (2 * cfg.n_classic_layers + 1)
+    """Blocking syncs of one forward of any schedule: ``perfmodel.syncs_for_config`` (one formula, report Eq. 9-11)."""
+    return syncs_for_config(cfg)
