@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from ..models.config import ModelConfig
+from ..models.config import DENSE_ARCHS, ModelConfig
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,13 +102,20 @@ def check_lane_degree(cfg: ModelConfig, lane: int) -> None:
     """Every constraint that sharding ``cfg`` over ``lane`` ranks imposes, with the fix in the message."""
     if lane == 1:
         return
+    # TP blocks (Sandwich / Burger / Track) and Kraken split their lanes over the ranks.
     if cfg.arch == "tp_blocks" and cfg.lane_count % lane != 0:
         raise ValueError(
             f"lane_count={cfg.lane_count} is not a multiple of the lane degree {lane}; every rank must hold the same "
             f"number of lanes (report §4.1: lane_count = G x k). Use lane_count in "
             f"{[lane * k for k in range(1, 5)]} or a lane degree that divides {cfg.lane_count}"
         )
-    has_classic = cfg.arch == "llama" or cfg.n_classic_layers > 0
+    if cfg.arch == "kraken" and cfg.lane_count % lane != 0:
+        raise ValueError(
+            f"lane_count={cfg.lane_count} (Kraken's degree G) is not a multiple of the lane degree {lane}; every "
+            f"rank must hold the same number of Kraken lanes. Use lane_count in {[lane * k for k in range(1, 5)]}"
+        )
+    # Llama, PaLM and Ladder layers (and classic layers between TP blocks) take Megatron shards.
+    has_classic = cfg.arch in DENSE_ARCHS or cfg.n_classic_layers > 0
     if not has_classic:
         return
     if cfg.n_heads % lane != 0:

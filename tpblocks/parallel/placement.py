@@ -95,7 +95,8 @@ def _all_reduce_rows_hook(model_ref: weakref.ref, rows: torch.Tensor, full_rows:
 
 
 # ---------------------------------------------------------------------------------------------- sharding
-def _shard_tp_block(block: TPBlock, prefix: str, rank: int, world: int, spec: ShardSpec) -> None:
+def _shard_lanes(block: nn.Module, prefix: str, rank: int, world: int, spec: ShardSpec) -> torch.Tensor:
+    """Keep this rank's lanes of every ``LaneLayer`` in ``block.layers`` (a TP or Kraken block); the lane index."""
     index = _lane_index(block.lane_count, rank, world)
     offset = int(index[0])
     block.lane_offset = offset
@@ -104,6 +105,11 @@ def _shard_tp_block(block: TPBlock, prefix: str, rank: int, world: int, spec: Sh
         for name, param in list(layer.named_parameters(recurse=False)):
             setattr(layer, name, _take(param, 0, index))
             spec[f"{prefix}.layers.{i}.{name}"] = (0, index)
+    return index
+
+
+def _shard_tp_block(block: TPBlock, prefix: str, rank: int, world: int, spec: ShardSpec) -> None:
+    index = _shard_lanes(block, prefix, rank, world, spec)
     if block.reception is not None and block.reception.gate is not None:
         block.reception.gate = _take(block.reception.gate, 1, index)
         spec[f"{prefix}.reception.gate"] = (1, index)
@@ -175,9 +181,8 @@ def shard_model(model: TransformerLM, comm: Communicator) -> TransformerLM:
     if comm.tp_world != world or comm.tp_rank != rank:
         raise ValueError("tpblocks places classic-layer shards on the lane axis: comm.tp_* must equal comm.lane_*")
     check_lane_degree(model.cfg, world)
-    from .schedule_placement import check_schedule_degree, shard_schedule_stage  # PaLM/Ladder/Kraken/Track
+    from .schedule_placement import shard_schedule_stage  # PaLM/Ladder/Kraken/Track
 
-    check_schedule_degree(model.cfg, world)
     spec: ShardSpec = {}
     copies: Copies = {}
     if world > 1:

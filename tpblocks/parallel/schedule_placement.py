@@ -33,27 +33,11 @@ import torch.distributed as dist
 from torch import nn
 
 from ..models.comm import Communicator, PendingSum
-from ..models.config import ModelConfig
 from ..models.schedules import KrakenBlock, LadderStack, ParallelLayer
 from ..models.tp_block import TPBlock
-from .dims import check_lane_degree
-from .placement import Copies, ShardSpec, _lane_index, _shard_classic, _shard_tp_block, _take, _tp_enter_hook
+from .placement import Copies, ShardSpec, _shard_classic, _shard_lanes, _shard_tp_block, _tp_enter_hook
 
 SCHEDULE_STAGES = (ParallelLayer, LadderStack, KrakenBlock)
-
-
-# ---------------------------------------------------------------------------------------------- validation
-def check_schedule_degree(cfg: ModelConfig, lane: int) -> None:
-    """Constraints of placing a PaLM / Ladder / Kraken model on ``lane`` ranks, as ``ValueError`` with the fix."""
-    if lane == 1:
-        return
-    if cfg.arch in ("palm", "ladder"):  # Megatron shards of full-width layers: the classic-layer rules
-        check_lane_degree(cfg.replace(arch="llama"), lane)
-    elif cfg.arch == "kraken" and cfg.lane_count % lane != 0:
-        raise ValueError(
-            f"lane_count={cfg.lane_count} (Kraken's degree G) is not a multiple of the lane degree {lane}; every "
-            f"rank must hold the same number of Kraken lanes. Use lane_count in {[lane * k for k in range(1, 5)]}"
-        )
 
 
 # ---------------------------------------------------------------------------------------------- sharding
@@ -63,18 +47,6 @@ def _shard_megatron(layer: nn.Module, prefix: str, comm: Communicator, spec: Sha
     _shard_classic(layer, prefix, comm, spec, copies, model_ref)
     layer.attn.register_forward_pre_hook(_tp_enter_hook(model_ref))
     layer.ffn.register_forward_pre_hook(_tp_enter_hook(model_ref))
-
-
-def _shard_kraken(block: KrakenBlock, prefix: str, rank: int, world: int, spec: ShardSpec) -> None:
-    index = _lane_index(block.lane_count, rank, world)
-    offset = int(index[0])
-    block.lane_offset = offset
-    for i, layer in enumerate(block.layers):
-        layer.lane_offset = offset
-        for name, param in list(layer.named_parameters(recurse=False)):
-            setattr(layer, name, _take(param, 0, index))
-            spec[f"{prefix}.layers.{i}.{name}"] = (0, index)
-    # ``proj`` reads the gathered (replicated) lanes: it stays whole on every rank, with equal gradients.
 
 
 def _track_residual_hook(model_ref: weakref.ref):
@@ -105,7 +77,8 @@ def shard_schedule_stage(
         for j, layer in enumerate(stage.layers):
             _shard_megatron(layer, f"{prefix}.layers.{j}", comm, spec, copies, model_ref)
     elif isinstance(stage, KrakenBlock):
-        _shard_kraken(stage, prefix, rank, world, spec)
+        # Lanes as in a TP block; ``proj`` reads the gathered (replicated) lanes: whole on every rank.
+        _shard_lanes(stage, prefix, rank, world, spec)
         stage.register_forward_pre_hook(_tp_enter_hook(model_ref))
     elif isinstance(stage, TPBlock) and stage.recipe == "track":
         # Lanes are sliced like any TP block. lane_offset only steers Burger's own-slice write and Sandwich's
