@@ -22,7 +22,6 @@ from tpblocks.posthoc.parallelise import TABLE1, parallelise  # noqa: E402
 from tpblocks.posthoc.text import read_text, split_text  # noqa: E402
 from tpblocks.posthoc.tiny import tiny_config, train_lm  # noqa: E402
 
-
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # as tests/conftest.py's fixture
 
 
