@@ -19,16 +19,6 @@ REPO = Path(__file__).resolve().parents[1]
 FLAVORS = ["debug_llama", "debug_burger", "debug_sandwich"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models on a shared 2-core box: a second OpenMP thread only spins against the other processes
-    # (measured 0.8 s vs 14 s for the same 20-token decode under load 14).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _model(flavor: str, seed: int = 0):
     # A large init std gives peaked, position-dependent logits: greedy decoding then produces varied tokens,
     # so a cache bug (wrong position, stale keys) changes the output instead of hiding in a constant stream.

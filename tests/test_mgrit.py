@@ -30,16 +30,6 @@ from tpblocks.parallel.mgrit import (
 from tpblocks.parallel.mgrit.monitor import ADD_ITERS, NONE, SERIAL
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The tensors here are tiny (2 x 11 x 32): intra-op threads only add synchronisation, and on a shared 2-core
-    # machine a second thread made one layer ~9x slower. Restored afterwards.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def tiny_llama(n_layers: int = 16, width: int = 32, init_std: float = 0.1, seed: int = 0):
     # init_std 0.1 (not the default 0.02) makes the residual branches large enough that MGRIT needs several
     # iterations: with tiny branches one iteration is already exact to 1e-5 and the tests could not fail.
