@@ -12,6 +12,9 @@ Groups and the dataclass each becomes:
   trainer    TrainerConfig   backend ddp | deepspeed (ZeRO-1/2)
   train      TrainConfig     steps, effective batch in tokens, micro-batch, eval/log/checkpoint cadence
   wandb      WandbConfig     offline by default, online when asked, disabled = never imported
+  parallel   ParallelConfig  lane degree: ``lane`` ranks hold one model (TP-block lanes / Megatron shards); the
+                             rest of the world is data parallel (tpblocks.parallel)
+  layer_parallel  tpblocks.parallel.mgrit.MGRITConfig  layer-parallel training by MGRIT (off by default)
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from typing import Any
 
 from tpblocks.models import ModelConfig, get_flavor, solve_hidden_size
 from tpblocks.models.flavors import FLAVORS
+from tpblocks.parallel.dims import check_lane_degree
+from tpblocks.parallel.mgrit.config import MGRITConfig
 
 PRECISIONS = ("auto", "bf16", "fp32")
 SCHEDULERS = ("cosine", "wsd")
@@ -195,6 +200,32 @@ class WandbConfig:
         _require(self.mode in WANDB_MODES, f"wandb.mode={self.mode!r} is unknown; choose one of {WANDB_MODES}")
 
 
+# ---------------------------------------------------------------------------------------------------- parallel
+@dataclass(frozen=True, kw_only=True)
+class ParallelConfig:
+    """Lane (= tensor) parallel degree. ``lane=G`` > 1: each group of G consecutive ranks holds one model, rank g
+    keeping lanes [g*L/G, (g+1)*L/G) of every TP block and Megatron shards of classic layers; the world is a
+    (dp, lane) mesh with dp = world / lane data-parallel replicas. ``lane=1``: plain data parallelism."""
+
+    lane: int = 1
+
+    def __post_init__(self) -> None:
+        _require(
+            isinstance(self.lane, int) and self.lane >= 1,
+            f"parallel.lane={self.lane!r} must be an integer >= 1 (1 = every rank holds the whole model)",
+        )
+
+    def dims(self, world_size: int) -> tuple[int, int]:
+        """(dp, lane) for ``world_size`` ranks; ValueError when the lane degree does not divide it."""
+        _require(
+            world_size % self.lane == 0,
+            f"parallel.lane={self.lane} does not divide the world size {world_size}; launch a multiple of "
+            f"{self.lane} ranks (torchrun --nproc_per_node={self.lane}) or set parallel.lane to a divisor of "
+            f"{world_size}",
+        )
+        return world_size // self.lane, self.lane
+
+
 # ---------------------------------------------------------------------------------------------------- run
 def _section(cls, values: dict | None, name: str):
     values = dict(values or {})
@@ -218,6 +249,8 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    layer_parallel: MGRITConfig = field(default_factory=MGRITConfig)
     seed: int = 0
     run_dir: str = "outputs/run"
     name: str = "default"  # experiment name (summary.json "experiment", wandb run name)
@@ -234,6 +267,33 @@ class RunConfig:
         )
         # The world size is only known at launch; world 1 at least must fit (the trainer re-checks with the real one).
         self.train.grad_accumulation(seq_len, 1)
+        self._check_parallel()
+
+    def _check_parallel(self) -> None:
+        """Combinations of lane parallelism, layer parallelism and the backend that cannot work."""
+        lane, mgrit = self.parallel.lane, self.layer_parallel.enabled
+        if lane > 1:
+            _require(
+                self.trainer.backend == "ddp",
+                f"parallel.lane={lane} needs trainer=ddp: DeepSpeed ZeRO would partition optimizer state across "
+                f"ranks that hold different lanes; use trainer=ddp or parallel.lane=1",
+            )
+            try:
+                check_lane_degree(self.model, lane)
+            except ValueError as err:
+                raise ValueError(f"parallel.lane={lane}: {err}") from err
+        if mgrit:
+            _require(
+                lane == 1,
+                f"layer_parallel.enabled=true with parallel.lane={lane}: layer-parallel MGRIT runs replicated "
+                f"weights on every rank and cannot be combined with lane sharding. Set parallel.lane=1 or "
+                f"layer_parallel.enabled=false",
+            )
+            _require(
+                self.trainer.backend == "ddp",
+                "layer_parallel.enabled=true needs trainer=ddp: MGRIT already gives every rank the full gradient, "
+                "there is nothing for DeepSpeed to partition or average. Use trainer=ddp",
+            )
 
     @property
     def seq_len(self) -> int:
@@ -270,5 +330,15 @@ class RunConfig:
             trainer=_section(TrainerConfig, raw.get("trainer"), "trainer"),
             train=_section(TrainConfig, raw.get("train"), "train"),
             wandb=_section(WandbConfig, raw.get("wandb"), "wandb"),
+            parallel=_section(ParallelConfig, raw.get("parallel"), "parallel"),
+            layer_parallel=_layer_parallel(raw.get("layer_parallel")),
             **top,
         )
+
+
+def _layer_parallel(values: dict | None) -> MGRITConfig:
+    try:
+        return MGRITConfig.from_dict(values)
+    except (ValueError, TypeError) as err:  # MGRITConfig names the field; say which block it is in
+        message = str(err)
+        raise ValueError(message if message.startswith("layer_parallel") else f"layer_parallel.{message}") from err

@@ -5,6 +5,8 @@ Layout of one checkpoint (the run-directory contract):
   trainer.pt    {"format", "version", "step", "optimizer" (DDP: the full state; DeepSpeed: None),
                  "scheduler", "rng": [per-rank torch/numpy/python states], "loader": [per-rank loader states],
                  "world_size", "tokens_seen", "elapsed_s"}
+  optimizer_lane{g}.pt  parallel.lane > 1 only: the optimizer state of lane rank g (of dp replica 0; the other
+                replicas hold equal states); trainer.pt then has "optimizer": None and "lane": the degree
   deepspeed/    DeepSpeed backend only: the engine's own (ZeRO-partitioned) optimizer files
 
 Atomicity: everything is written into ``checkpoints/.tmp_step_XXXXXXXX`` and renamed to its final name only
@@ -126,6 +128,22 @@ def resolve_resume(resume: str, run_dir: str | os.PathLike) -> Path | None:
             f"holding checkpoints/; use train.resume=auto, train.resume=none or a path under <run_dir>/checkpoints/"
         )
     return found
+
+
+def _lane_optimizer_path(ckpt: Path, lane_rank: int) -> Path:
+    return Path(ckpt) / f"optimizer_lane{lane_rank}.pt"
+
+
+def save_lane_optimizer(tmp: Path, lane_rank: int, state: dict) -> None:
+    """The optimizer state of one lane rank (its shards' moments), written by that rank."""
+    torch.save(state, _lane_optimizer_path(tmp, lane_rank))
+
+
+def load_lane_optimizer(ckpt: Path, lane_rank: int) -> dict:
+    path = _lane_optimizer_path(ckpt, lane_rank)
+    if not path.exists():
+        raise ValueError(f"{path} is missing: {ckpt} was not written by a lane-parallel run with this lane degree")
+    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def load_trainer_state(ckpt: Path) -> dict:

@@ -6,6 +6,14 @@ on each of ``world`` ranks. Rank r reads its own share of the deterministic toke
 one rank with accumulation 2 and two ranks with accumulation 1 see the same tokens per step and give the same
 losses up to float re-association (tests/test_train_distributed.py).
 
+Parallel layouts (``tpblocks.train.distributed.Layout``): ``parallel.lane=G`` shards the model over G ranks
+(tpblocks.parallel.shard_model, after every rank built the same full model from the seed) and data-parallelises
+the rest; all G lane ranks of a replica read the same batch. Checkpoints still hold the FULL model
+(unshard_state_dict) in model_payload format; the optimizer state is per lane rank (``optimizer_lane{g}.pt``), so
+a resume needs the same lane degree. ``layer_parallel.enabled=true`` runs the layer stack by MGRIT over all ranks
+(tpblocks.parallel.mgrit): every rank reads the same batch, gradients are already identical, ``lp/*`` metrics go
+to metrics.jsonl.
+
 Divergence: a non-finite (rank-averaged) loss or gradient norm stops the run *before* the update, with a message
 naming the step; the last good checkpoint is left untouched and summary.json says ``"status": "diverged"``.
 """
@@ -31,6 +39,7 @@ from tpblocks.models.io import model_payload
 from . import checkpoint as ckpt_io
 from .distributed import (
     DistEnv,
+    Layout,
     all_reduce_sum,
     autocast_dtype,
     barrier,
@@ -39,6 +48,7 @@ from .distributed import (
     compute_loss,
     gather_objects,
     init_distributed,
+    layout_for,
 )
 from .metrics import MetricsWriter, init_wandb, write_json
 from .optim import build_optimizer
@@ -72,6 +82,8 @@ class Trainer:
         self.prior_elapsed = 0.0
         self.last_train_loss: float | None = None
         self.last_eval_loss: float | None = None
+        self.layout: Layout | None = None
+        self.lp = None  # tpblocks.parallel.mgrit.LayerParallel when layer_parallel.enabled
 
     # ------------------------------------------------------------------ setup
     def _setup_run_dir(self) -> None:
@@ -92,6 +104,7 @@ class Trainer:
         from tpblocks.data import TokenLoader, heldout_batches, prepare_data
 
         cfg, env = self.cfg, self.env
+        self.layout = layout = layout_for(cfg, env)  # the data coordinates: dp rank / dp size (lane, mgrit modes)
         # Local rank 0 of each node prepares (tokenizer training, shard writing) into the cache; the other ranks
         # wait for its files (prepare_data polls up to data.prepare_timeout_s, longer than a barrier's timeout).
         prepared = prepare_data(cfg.data, rank=env.local_rank, world=env.world)
@@ -103,12 +116,18 @@ class Trainer:
                 f"{cfg.model.vocab_size}; set model.overrides.vocab_size={prepared.vocab_size} (or larger)"
             )
         self.loader = TokenLoader.from_prepared(
-            prepared, cfg.seq_len, cfg.train.micro_batch, env.rank, env.world, cfg.data.seed, shuffle=cfg.data.shuffle
+            prepared,
+            cfg.seq_len,
+            cfg.train.micro_batch,
+            layout.data_rank,
+            layout.data_world,
+            cfg.data.seed,
+            shuffle=cfg.data.shuffle,
         )
         self.heldout = []
         if cfg.train.eval_every:
             self.heldout = heldout_batches(
-                prepared, cfg.seq_len, cfg.train.eval_batch, cfg.train.eval_tokens, env.rank, env.world
+                prepared, cfg.seq_len, cfg.train.eval_batch, cfg.train.eval_tokens, layout.data_rank, layout.data_world
             )
             (n_batches,) = all_reduce_sum([len(self.heldout)], env.device)
             if n_batches == 0:
@@ -118,24 +137,41 @@ class Trainer:
                 )
 
     def _setup_model(self) -> None:
-        cfg, env = self.cfg, self.env
-        self.accum = cfg.train.grad_accumulation(cfg.seq_len, env.world)
+        cfg, env, layout = self.cfg, self.env, self.layout
+        self.accum = cfg.train.grad_accumulation(cfg.seq_len, layout.data_world)
         seed_everything(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's weights)
         model = build_model(cfg.model).to(env.device)
+        if layout.mode == "lane":  # every rank built the same full model above; keep this rank's lanes / shards
+            from tpblocks.parallel import MeshComm, shard_model
+
+            model = shard_model(model, MeshComm(layout.mesh))
+        elif layout.mode == "mgrit":  # after build_model, before the backend and torch.compile
+            from tpblocks.parallel.mgrit import apply_layer_parallel
+
+            self.lp = apply_layer_parallel(model, cfg.layer_parallel, None)
         self.model = model
-        self.optimizer = build_optimizer(model, cfg.optim)
+        self.optimizer = build_optimizer(model, cfg.optim)  # after sharding: the optimizer holds the local shards
         self.scheduler = build_scheduler(self.optimizer, cfg.scheduler, cfg.train.max_steps)
-        self.backend = build_backend(model, self.optimizer, cfg, env, self.accum)
+        self.backend = build_backend(model, self.optimizer, cfg, env, self.accum, layout)
         if cfg.train.compile and self.backend.name == "ddp":
             self.backend.wrapped = torch.compile(self.backend.wrapped)
         elif cfg.train.compile:
             _say(env, "train.compile is ignored with trainer=deepspeed (set DeepSpeed's own compile options instead)")
         _say(
             env,
-            f"model {cfg.flavor} ({cfg.model.arch}): {total_parameters(cfg.model):,} parameters | world {env.world} "
+            f"model {cfg.flavor} ({cfg.model.arch}): {total_parameters(cfg.model):,} parameters | data ranks {layout.data_world} "
             f"x micro_batch {cfg.train.micro_batch} x seq_len {cfg.seq_len} x accum {self.accum} = "
             f"{cfg.train.tokens_per_step:,} tokens/step | backend {cfg.trainer.backend} on {env.device}",
         )
+        if layout.mode == "lane":
+            _say(env, f"lane parallel: dp {layout.dp} x lane {layout.lane} (micro-batches counted per dp replica)")
+        elif layout.mode == "mgrit":
+            lp = cfg.layer_parallel
+            _say(
+                env,
+                f"layer parallel (MGRIT) over {env.world} rank(s): levels {lp.levels}, cf {lp.cf}, iters {lp.iters}, "
+                f"relax {lp.relax}; every rank reads the same batch",
+            )
 
     def _maybe_resume(self) -> None:
         cfg, env = self.cfg, self.env
@@ -152,9 +188,25 @@ class Trainer:
                 f"checkpoint {path} was written by {state['world_size']} rank(s) but this run has {env.world}; "
                 f"ZeRO optimizer partitions are per rank: resume trainer=deepspeed with the same number of ranks"
             )
+        lane = self.layout.lane
+        saved_lane = int(state.get("lane", 1))
+        if saved_lane != lane:
+            raise ValueError(
+                f"checkpoint {path} was written with parallel.lane={saved_lane} but this run has parallel.lane={lane}; "
+                f"the optimizer state is per lane rank: resume with parallel.lane={saved_lane} (model.pt alone "
+                f"holds the full model for any layout: start a new run from it instead)"
+            )
         payload = ckpt_io.load_model_state(path)
-        self.model.load_state_dict(payload["model"])
-        self.backend.load_optimizer_state(state["optimizer"], path)
+        if self.layout.mode == "lane":  # the full state, then this rank's share of it
+            from tpblocks.parallel import local_slice
+
+            spec = self.model.shard_spec
+            self.model.load_state_dict({k: local_slice(v, spec, k) for k, v in payload["model"].items()})
+            optim_state = ckpt_io.load_lane_optimizer(path, env.rank % lane)
+        else:
+            self.model.load_state_dict(payload["model"])
+            optim_state = state["optimizer"]
+        self.backend.load_optimizer_state(optim_state, path)
         load_scheduler_state(self.scheduler, state["scheduler"], cfg.train.max_steps)
         self.loader.load_state_dict(state["loader"][0])  # the global cursor, the same on every rank
         if env.rank < len(state["rng"]):
@@ -192,12 +244,23 @@ class Trainer:
         self.backend.save_extra(tmp)
         rngs = gather_objects(ckpt_io.rng_state())
         loaders = [self.loader.state_dict()]  # one global cursor (tpblocks/data/loader.py)
+        lane_mode = self.layout.mode == "lane"
+        full = None
+        if lane_mode:
+            from tpblocks.parallel import unshard_state_dict
+
+            full = unshard_state_dict(self.model)  # collective over the lane group: every rank calls it
+            if env.rank < self.layout.lane:  # dp replica 0 writes one optimizer file per lane rank
+                ckpt_io.save_lane_optimizer(tmp, env.rank, self.backend.optimizer_state())
         if env.is_main:
             payload = model_payload(self.model)
+            if full is not None:
+                payload["model"] = {k: v.detach().cpu() for k, v in full.items()}
             payload["model"] = {k: v.float() if v.is_floating_point() else v for k, v in payload["model"].items()}
             state = {
                 "step": self.step,
-                "optimizer": self.backend.optimizer_state(),
+                "lane": self.layout.lane,
+                "optimizer": None if lane_mode else self.backend.optimizer_state(),
                 "scheduler": self.scheduler.state_dict(),
                 "rng": rngs,
                 "loader": loaders,
@@ -223,12 +286,15 @@ class Trainer:
             inputs, targets = self.loader.next_batch()
             inputs, targets = inputs.to(env.device), targets.to(env.device)
             losses.append(self.backend.forward_backward(inputs, targets, last=j == self.accum - 1))
+        lp_metrics: dict = {}
         local = float(torch.stack(losses).float().mean())
         (loss_sum,) = all_reduce_sum([local], env.device)
         train_loss = loss_sum / env.world
         step = self.step + 1
         if not math.isfinite(train_loss):
             raise TrainingDiverged(f"train loss is {train_loss} at step {step}")
+        if self.lp is not None and self.lp.enabled:
+            lp_metrics = self._layer_parallel_step(step, train_loss, inputs, targets)
         grad_norm = self.backend.clip_grad()
         if self.backend.name == "ddp" and not math.isfinite(grad_norm):
             raise TrainingDiverged(f"gradient norm is {grad_norm} at step {step} (loss {train_loss:.4f})")
@@ -249,7 +315,23 @@ class Trainer:
             "tokens_per_s": cfg.train.tokens_per_step / max(dt, 1e-9),
             "elapsed_s": round(self.elapsed(), 3),
             "grad_norm": grad_norm,
+            **lp_metrics,
         }
+
+    def _layer_parallel_step(self, step: int, train_loss: float, inputs_bs, targets_bs) -> dict:
+        """MGRIT monitor: optionally the true gradient error on the last micro-batch, then the per-step decision
+        (collective: every rank calls it). Returns the ``lp/*`` metrics."""
+        lp = self.lp
+        if lp.should_check(step):
+            backend = self.backend
+
+            def closure():
+                with backend.autocast():
+                    logits = self.model(inputs_bs)
+                return compute_loss(logits, targets_bs)
+
+            lp.measure_grad_error(closure)
+        return lp.step_end(step, train_loss)
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
@@ -327,6 +409,8 @@ class Trainer:
             "world_size": self.env.world,
             "backend": self.cfg.trainer.backend,
             "seed": self.cfg.seed,
+            "parallel": {"dp": self.layout.dp, "lane": self.layout.lane} if self.layout else None,
+            "layer_parallel": self.cfg.layer_parallel.enabled,
         }
 
 
