@@ -91,12 +91,15 @@ def _group_quantile(times: list[float], q: float, devices: int) -> float:
     return float(t)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="batch-1 decode latency vs the calibrated decode-time model")
+def parse_decode_args(description: str, argv: list[str] | None, *, quick_rounds: int, extra=None):
+    """The options every decode benchmark shares (``extra(parser)`` adds more); ``tokens`` / ``rounds`` resolved."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="fewer tokens and rounds (about a minute)")
     parser.add_argument("--json", type=str, default=None, help="write every figure here")
     parser.add_argument("--hidden", type=int, default=384, help="Llama hidden size, a multiple of 24 (sets the budget)")
     parser.add_argument("--depth", type=int, default=8, help="sequential depth of every model")
+    if extra is not None:
+        extra(parser)
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--prompt", type=int, default=32, help="prompt tokens prefilled before timing")
     parser.add_argument("--tokens", type=int, default=None, help="timed decode steps per round")
@@ -105,26 +108,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.hidden % 24:
         parser.error(f"--hidden={args.hidden} must be a multiple of 24 (12 heads of even size, split over 2 ranks)")
     # Short rounds interleaved over all configurations: load from other processes then hits them alike.
-    tokens = args.tokens or (16 if args.quick else 32)
-    rounds = args.rounds or (4 if args.quick else 10)
-    warmup = 3
+    args.tokens = args.tokens or (16 if args.quick else 32)
+    args.rounds = args.rounds or (quick_rounds if args.quick else 10)
+    return args
 
+
+def run_distributed(script: str, run, args, warmup: int = 3) -> int:
+    """``run(args, rank, world, tokens, rounds, warmup)`` on a torchrun group of 2+ ranks, torn down afterwards."""
     rank, world = init_distributed()
     if world < 2:
         print("error: run under torchrun with 2+ ranks: torchrun --standalone --nproc_per_node=2 "
-              "benchmarks/decode.py --quick", file=sys.stderr)  # fmt: skip
+              f"{script} --quick", file=sys.stderr)  # fmt: skip
         return 2
     try:
-        return _run(args, rank, world, tokens, rounds, warmup)
+        return run(args, rank, world, args.tokens, args.rounds, warmup)
     finally:
         destroy_distributed()
 
 
-def _run(args, rank: int, world: int, tokens: int, rounds: int, warmup: int) -> int:
-    cfgs = build_configs(args.hidden, args.depth, args.vocab, world, args.prompt + warmup + tokens + 8)
-    mesh = ParallelDims(dp=1, lane=world, world_size=world).build_mesh("cpu")
+def calibrate_decode(llama: ModelConfig, args, rank: int, world: int, tokens: int, rounds: int, warmup: int):
+    """(calibration, hardware, in-compute hardware, mean KV length) for the Llama-TP of ``llama``; printed on rank 0."""
     context = args.prompt + warmup + tokens / 2  # average KV length during the timed steps
-    llama_tp_bytes = pm.decode_bytes(cfgs["llama"], devices=world, context=context, precision=4).total
+    llama_tp_bytes = pm.decode_bytes(llama, devices=world, context=context, precision=4).total
     # A Llama-TP sync follows half a layer of weights: the in-compute sync cost is measured after matvecs that size.
     calib = calibrate(beta_bytes=int(llama_tp_bytes), sync_bytes=4 * args.hidden, iters=100 if args.quick else 400,
                       work_bytes=int(llama_tp_bytes / (2 * args.depth)))  # fmt: skip
@@ -134,6 +139,48 @@ def _run(args, rank: int, world: int, tokens: int, rounds: int, warmup: int) -> 
               f"p90 {calib.t_sync_p90 * 1e6:.0f}; {hw_star.t_sync * 1e6:.0f} between matvecs), "
               f"beta {hw.beta / 1e9:.2f} GB/s at "
               f"{calib.beta_bytes / 2**20:.0f} MiB; {tokens} steps x {rounds} rounds", flush=True)  # fmt: skip
+    return calib, hw, hw_star, context
+
+
+def time_interleaved(runs: dict, prompt: int, tokens: int, warmup: int, rounds: int, rank: int, first_round=None):
+    """Per-step seconds and blocking syncs per step of every ``label -> (model, devices, communicate)``.
+
+    Configurations are interleaved over ``rounds`` so that load from other processes hits them alike. A
+    one-device run (the unsharded baseline) is timed on rank 0 only, between barriers. ``communicate=False``
+    times the sharded model with ``comm.enabled = False``; ``first_round(label, model)`` runs right after a
+    configuration's first round, still in that state.
+    """
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    syncs: dict[str, float] = {}
+    for r in range(rounds):
+        for label, (model, devices, communicate) in runs.items():
+            if devices == 1:
+                dist.barrier()
+                if rank == 0:
+                    t, _ = time_decode(model, prompt, tokens, warmup, seed=r)
+                    times[label] += t
+                    syncs[label] = 0.0  # LocalComm counts its calls, but one process communicates nothing
+                dist.barrier()
+                continue
+            model.comm.enabled = communicate
+            t, s = time_decode(model, prompt, tokens, warmup, seed=r)
+            times[label] += t
+            syncs[label] = s if communicate else 0.0  # disabled calls are counted but do no communication
+            if r == 0 and first_round is not None:
+                first_round(label, model)
+            model.comm.enabled = True
+    return times, syncs
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_decode_args("batch-1 decode latency vs the calibrated decode-time model", argv, quick_rounds=4)
+    return run_distributed("benchmarks/decode.py", _run, args)
+
+
+def _run(args, rank: int, world: int, tokens: int, rounds: int, warmup: int) -> int:
+    cfgs = build_configs(args.hidden, args.depth, args.vocab, world, args.prompt + warmup + tokens + 8)
+    mesh = ParallelDims(dp=1, lane=world, world_size=world).build_mesh("cpu")
+    calib, hw, hw_star, context = calibrate_decode(cfgs["llama"], args, rank, world, tokens, rounds, warmup)
 
     # Build every model once (same seed on every rank: shard_model needs identical full weights).
     # Every rank holds the same labels in the same order (the collectives inside must line up); the
@@ -149,23 +196,8 @@ def _run(args, rank: int, world: int, tokens: int, rounds: int, warmup: int) -> 
         runs[label] = (cfg, model, world, True)
         runs[f"{label} no-comm"] = (cfg, model, world, False)
 
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    syncs: dict[str, float] = {}
-    for r in range(rounds):
-        for label, (_, model, devices, communicate) in runs.items():
-            if devices == 1:
-                dist.barrier()
-                if rank == 0:
-                    t, s = time_decode(model, args.prompt, tokens, warmup, seed=r)
-                    times[label] += t
-                    syncs[label] = 0.0  # LocalComm counts its calls, but one process communicates nothing
-                dist.barrier()
-                continue
-            model.comm.enabled = communicate
-            t, s = time_decode(model, args.prompt, tokens, warmup, seed=r)
-            model.comm.enabled = True
-            times[label] += t
-            syncs[label] = s if communicate else 0.0  # disabled calls are counted but do no communication
+    timed = {label: (model, devices, communicate) for label, (_, model, devices, communicate) in runs.items()}
+    times, syncs = time_interleaved(timed, args.prompt, tokens, warmup, rounds, rank)
 
     rows, figures = [], {}
     for label, (cfg, model, devices, communicate) in runs.items():

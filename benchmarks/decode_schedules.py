@@ -20,7 +20,6 @@ short rounds interleaved over every configuration).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -31,19 +30,17 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 
 from benchmarks.common import busy_machine_warning, machine_info, print_table, write_json  # noqa: E402
-from benchmarks.decode import _group_quantile, time_decode  # noqa: E402
+from benchmarks.decode import (  # noqa: E402
+    _group_quantile,
+    calibrate_decode,
+    parse_decode_args,
+    run_distributed,
+    time_interleaved,
+)
 from tpblocks.infer import perfmodel as pm  # noqa: E402
-from tpblocks.infer.calibrate import calibrate  # noqa: E402
 from tpblocks.models import ModelConfig, build_model, total_parameters  # noqa: E402
 from tpblocks.models.schedule_flavors import SCHEDULE_NAMES, schedule_config  # noqa: E402
-from tpblocks.parallel import (  # noqa: E402
-    CollectiveAudit,
-    MeshComm,
-    ParallelDims,
-    destroy_distributed,
-    init_distributed,
-    shard_model,  # noqa: E402
-)
+from tpblocks.parallel import CollectiveAudit, MeshComm, ParallelDims, shard_model  # noqa: E402
 
 LABELS = {"llama": "llama-TP", "palm": "palm", "ladder": "ladder", "kraken": "kraken", "track": "track",
           "burger": "burger (TP block)"}  # fmt: skip
@@ -69,46 +66,19 @@ def audited_step(model) -> tuple[int, int, int, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="batch-1 decode of every communication schedule vs the model")
-    parser.add_argument("--quick", action="store_true", help="fewer tokens and rounds (about a minute)")
-    parser.add_argument("--json", type=str, default=None, help="write every figure here")
-    parser.add_argument("--hidden", type=int, default=384, help="Llama hidden size, a multiple of 24 (sets the budget)")
-    parser.add_argument("--depth", type=int, default=8, help="sequential depth of every model")
-    parser.add_argument("--track-depth", type=int, default=4, help="Parallel Track: layers between two syncs")
-    parser.add_argument("--vocab", type=int, default=4096)
-    parser.add_argument("--prompt", type=int, default=32, help="prompt tokens prefilled before timing")
-    parser.add_argument("--tokens", type=int, default=None, help="timed decode steps per round")
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds over all configurations")
-    args = parser.parse_args(argv)
-    if args.hidden % 24:
-        parser.error(f"--hidden={args.hidden} must be a multiple of 24 (12 heads of even size, split over 2 ranks)")
-    tokens = args.tokens or (16 if args.quick else 32)
-    rounds = args.rounds or (3 if args.quick else 10)
-    rank, world = init_distributed()
-    if world < 2:
-        print("error: run under torchrun with 2+ ranks: torchrun --standalone --nproc_per_node=2 "
-              "benchmarks/decode_schedules.py --quick", file=sys.stderr)  # fmt: skip
-        return 2
-    try:
-        return _run(args, rank, world, tokens, rounds, warmup=3)
-    finally:
-        destroy_distributed()
+    def track_depth(parser) -> None:
+        parser.add_argument("--track-depth", type=int, default=4, help="Parallel Track: layers between two syncs")
+
+    args = parse_decode_args("batch-1 decode of every communication schedule vs the model", argv, quick_rounds=3,
+                             extra=track_depth)  # fmt: skip
+    return run_distributed("benchmarks/decode_schedules.py", _run, args)
 
 
 def _run(args, rank: int, world: int, tokens: int, rounds: int, warmup: int) -> int:
     cfgs = build_configs(args.hidden, args.depth, args.vocab, world, args.track_depth,
                          args.prompt + warmup + tokens + 8)  # fmt: skip
     mesh = ParallelDims(dp=1, lane=world, world_size=world).build_mesh("cpu")
-    context = args.prompt + warmup + tokens / 2  # average KV length during the timed steps
-    tp_bytes = pm.decode_bytes(cfgs["llama"], devices=world, context=context, precision=4).total
-    calib = calibrate(beta_bytes=int(tp_bytes), sync_bytes=4 * args.hidden, iters=100 if args.quick else 400,
-                      work_bytes=int(tp_bytes / (2 * args.depth)))  # a Llama-TP sync follows half a layer  # fmt: skip
-    hw, hw_star = calib.hardware(), calib.hardware("this_machine_in_compute", in_compute=True)
-    if rank == 0:
-        print(f"calibrated: t_sync {hw.t_sync * 1e6:.0f} us (p10 {calib.t_sync_p10 * 1e6:.0f}, "
-              f"p90 {calib.t_sync_p90 * 1e6:.0f}; {hw_star.t_sync * 1e6:.0f} between matvecs), "
-              f"beta {hw.beta / 1e9:.2f} GB/s; {tokens} steps x {rounds} rounds",
-              flush=True)  # fmt: skip
+    calib, hw, hw_star, context = calibrate_decode(cfgs["llama"], args, rank, world, tokens, rounds, warmup)
 
     runs: dict[str, tuple] = {}  # label -> (schedule, cfg, model, communicate)
     for name, cfg in cfgs.items():
@@ -117,16 +87,13 @@ def _run(args, rank: int, world: int, tokens: int, rounds: int, warmup: int) -> 
         runs[LABELS[name]] = (name, cfg, model, True)
         runs[f"{LABELS[name]} no-comm"] = (name, cfg, model, False)
 
-    times: dict[str, list[float]] = {k: [] for k in runs}
     counted: dict[str, tuple] = {}
-    for r in range(rounds):
-        for label, (_, _, model, communicate) in runs.items():
-            model.comm.enabled = communicate
-            t, _ = time_decode(model, args.prompt, tokens, warmup, seed=r)
-            times[label] += t
-            if r == 0:
-                counted[label] = audited_step(model)
-            model.comm.enabled = True
+
+    def audit(label: str, model) -> None:
+        counted[label] = audited_step(model)
+
+    timed = {label: (model, world, communicate) for label, (_, _, model, communicate) in runs.items()}
+    times, _ = time_interleaved(timed, args.prompt, tokens, warmup, rounds, rank, first_round=audit)
 
     figures = {}
     for label, (name, cfg, _, communicate) in runs.items():
