@@ -36,6 +36,16 @@ def _ok(row: dict[str, Any]) -> bool:
     return row.get("status") == "completed" and isinstance(row.get(LOSS), (int, float)) and math.isfinite(row[LOSS])
 
 
+def _label_axes(ax, x_label: str, y_label: str, title: str, *, legend: bool = True) -> None:
+    """Axis labels, title and a light grid; a legend when ``legend`` and some line carries a label."""
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    if legend and ax.get_legend_handles_labels()[0]:
+        ax.legend()
+
+
 def _not_plotted_note(fig: plt.Figure, rows: Sequence[dict[str, Any]]) -> None:
     names = [r.get("name") for r in rows]
 
@@ -86,12 +96,7 @@ def line_figure(rows: Sequence[dict[str, Any]], sweep: str, path: str | Path) ->
         ax.set_xticks(xs_all)
         ax.set_xticklabels([f"{x:g}" for x in xs_all])
     ax.margins(x=0.08, y=0.15)  # room for the value labels above the points
-    ax.set_xlabel(x_label)
-    ax.set_ylabel("final training loss")
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend()
+    _label_axes(ax, x_label, "final training loss", title)
     _not_plotted_note(fig, rows)
     return _save(fig, path)
 
@@ -144,10 +149,7 @@ def curves_figure(rows: Sequence[dict[str, Any]], path: str | Path, title: str) 
         if steps:
             ax.plot(steps, losses, lw=1, label=row["name"] if len(rows) <= 12 else None)
             drawn += 1
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
+    _label_axes(ax, "step", "training loss", title, legend=False)
     if drawn and len(rows) <= 12:
         ax.legend(fontsize=7)
     _not_plotted_note(fig, rows)
@@ -172,12 +174,7 @@ def seed_variance_figures(rows: Sequence[dict[str, Any]], out_dir: Path) -> list
         line = ax.plot(common, mean, lw=1.5, label=f"{arch} / {sched} (n={len(curves)})")[0]
         ax.fill_between(common, [min(v) for v in per_step], [max(v) for v in per_step], color=line.get_color(),
                         alpha=0.2)  # fmt: skip
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.set_title("Fig. 17b: mean and min/max over seeds")
-    ax.grid(True, alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend()
+    _label_axes(ax, "step", "training loss", "Fig. 17b: mean and min/max over seeds")
     _not_plotted_note(fig, rows)
     paths = [_save(fig, out_dir / "fig17b_seed_variance.png")]
 
@@ -190,12 +187,8 @@ def seed_variance_figures(rows: Sequence[dict[str, Any]], out_dir: Path) -> list
         if steps:
             ax.plot(steps, dist, lw=1.5, label=f"{sched}: {archs[0]} vs {archs[1]}")
     ax.axhline(0.0, color="black", lw=0.8)
-    ax.set_xlabel("step")
-    ax.set_ylabel("extremum distance (Eq. 12)")
-    ax.set_title("Fig. 17d: distance between the groups' loss extremums\n(> 0: the two groups do not overlap)")
-    ax.grid(True, alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend()
+    title = "Fig. 17d: distance between the groups' loss extremums\n(> 0: the two groups do not overlap)"
+    _label_axes(ax, "step", "extremum distance (Eq. 12)", title)
     paths.append(_save(fig, out_dir / "fig17d_extremum_distance.png"))
     return paths
 
