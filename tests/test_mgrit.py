@@ -15,7 +15,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from dist_utils import run_workers
+from dist_utils import run_workers, same_on_all_ranks
 
 from tpblocks.models import ModelConfig, build_model
 from tpblocks.parallel.mgrit import (
@@ -334,16 +334,7 @@ def test_training_with_the_monitor_switches_to_serial_and_logs_it(caplog):
 
 
 # ---------------------------------------------------------------------------------------------- two gloo ranks
-def _same_on_all_ranks(t: torch.Tensor) -> bool:
-    import torch.distributed as dist
-
-    gathered = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, t.contiguous())
-    return all(torch.equal(g, gathered[0]) for g in gathered)
-
-
 def _parity_worker(rank: int, world: int) -> None:
-    torch.set_num_threads(1)
     model = tiny_llama(n_layers=16, width=32)  # same seed on every rank: replicated weights
     tok = tokens()
     loss_ref, g_ref = serial_loss_and_grads(model, tok)
@@ -356,7 +347,7 @@ def _parity_worker(rank: int, world: int) -> None:
     for cfg, exact in cases:
         loss, g, st = mgrit_loss_and_grads(model, tok, cfg, force=False)
         assert st and len(st["fwd_residuals"]) == cfg["iters"], (cfg, st)  # MGRIT did run, not the serial loop
-        assert _same_on_all_ranks(g) and _same_on_all_ranks(loss.reshape(1)), cfg
+        assert same_on_all_ranks(g) and same_on_all_ranks(loss.reshape(1)), cfg
         err = rel(g, g_ref)
         if exact:
             assert err < 1e-5 and abs(float(loss - loss_ref)) < 1e-5, (cfg, err, float(loss - loss_ref))
@@ -398,7 +389,6 @@ def _train(lp_cfg: dict, rank: int, steps: int = TRAIN_STEPS):
 
 
 def _training_worker(rank: int, world: int) -> None:
-    torch.set_num_threads(1)
     serial, _, _ = _train({"enabled": False}, rank)
     cfg = {"enabled": True, "levels": 2, "cf": 2, "iters": 1, "relax": "F", "grad_tol": 0.05, "max_iters": 4,
            "check_every": 10, "plateau_window": 5}  # fmt: skip
@@ -414,7 +404,7 @@ def _training_worker(rank: int, world: int) -> None:
     _, modes, lp = _train(strict, rank, steps=3)
     assert modes == ["mgrit", "serial", "serial"], modes
     assert [e["action"] for e in lp.monitor.events] == ["serial"] and lp.monitor.events[0]["step"] == 0
-    assert _same_on_all_ranks(torch.tensor([len(lp.monitor.events), int(lp.serial)]))
+    assert same_on_all_ranks(torch.tensor([len(lp.monitor.events), int(lp.serial)]))
 
 
 @pytest.mark.distributed
