@@ -9,7 +9,15 @@ import subprocess
 import pytest
 from test_train_support import CONF, child_env, compose, launch_cmd
 
-from tpblocks.config import ModelChoice, OptimConfig, RunConfig, SchedulerConfig, TrainConfig, TrainerConfig
+from tpblocks.config import (
+    ModelChoice,
+    OptimConfig,
+    ParallelConfig,
+    RunConfig,
+    SchedulerConfig,
+    TrainConfig,
+    TrainerConfig,
+)
 from tpblocks.models import total_parameters
 
 GROUPS = ("model", "data", "optim", "scheduler", "trainer", "experiment")
@@ -103,11 +111,44 @@ def test_command_line_beats_experiment():
         ("model.overrides.max_seq_len=64", "data.seq_len"),
         ("data.source=ftp", "data.source"),
         ("+train.no_such_key=1", "train"),
+        ("parallel.lane=0", "parallel.lane"),
+        ("parallel.lane=3", "parallel.lane=3: lane_count=4"),  # debug_burger has 4 lanes
+        ("+parallel.dp=2", "parallel"),
+        ("layer_parallel.cf=1", "layer_parallel.cf"),
+        ("layer_parallel.relax=G", "layer_parallel.relax"),
+        ("+layer_parallel.no_such_key=1", "layer_parallel"),
     ],
 )
 def test_bad_config_names_the_field(override, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
         _validate([override])
+
+
+def test_parallel_keys_default_off_and_compose():
+    run = _validate([])
+    assert run.parallel == ParallelConfig(lane=1) and run.layer_parallel.enabled is False
+    yaml_keys = compose(["run_dir=/x"]).layer_parallel
+    assert {k: run.layer_parallel.to_dict()[k] for k in yaml_keys} == dict(yaml_keys)  # every YAML key is typed
+    lane = _validate(["parallel.lane=2"])
+    assert lane.parallel.lane == 2 and lane.parallel.dims(4) == (2, 2)
+    with pytest.raises(ValueError, match=r"parallel\.lane=2 does not divide the world size 3"):
+        lane.parallel.dims(3)
+    mgrit = _validate(["+experiment=mgrit_smoke"])
+    assert mgrit.layer_parallel.enabled and mgrit.layer_parallel.cf == 2 and mgrit.model.arch == "llama"
+    assert _validate(["layer_parallel.enabled=true", "layer_parallel.iters=3"]).layer_parallel.iters == 3
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["parallel.lane=2", "trainer=deepspeed"], r"parallel\.lane=2 needs trainer=ddp"),
+        (["+experiment=mgrit_smoke", "trainer=deepspeed"], r"layer_parallel\.enabled=true needs trainer=ddp"),
+        (["+experiment=mgrit_smoke", "parallel.lane=2"], r"cannot be combined with lane sharding"),
+    ],
+)
+def test_parallel_combinations_that_cannot_work_are_refused(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        _validate(overrides)
 
 
 def test_wsd_needs_a_stable_phase():
@@ -126,7 +167,7 @@ def test_grad_accumulation_rule():
 
 
 def test_dataclasses_are_frozen_and_keyword_only():
-    for cls in (OptimConfig, SchedulerConfig, TrainConfig, TrainerConfig, ModelChoice):
+    for cls in (OptimConfig, SchedulerConfig, TrainConfig, TrainerConfig, ModelChoice, ParallelConfig):
         obj = cls()
         with pytest.raises(dataclasses.FrozenInstanceError):
             obj.__setattr__(dataclasses.fields(cls)[0].name, None)

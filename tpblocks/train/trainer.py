@@ -159,8 +159,9 @@ class Trainer:
             _say(env, "train.compile is ignored with trainer=deepspeed (set DeepSpeed's own compile options instead)")
         _say(
             env,
-            f"model {cfg.flavor} ({cfg.model.arch}): {total_parameters(cfg.model):,} parameters | data ranks {layout.data_world} "
-            f"x micro_batch {cfg.train.micro_batch} x seq_len {cfg.seq_len} x accum {self.accum} = "
+            f"model {cfg.flavor} ({cfg.model.arch}): {total_parameters(cfg.model):,} parameters | "
+            f"data ranks {layout.data_world} x micro_batch {cfg.train.micro_batch} x seq_len {cfg.seq_len} "
+            f"x accum {self.accum} = "
             f"{cfg.train.tokens_per_step:,} tokens/step | backend {cfg.trainer.backend} on {env.device}",
         )
         if layout.mode == "lane":
@@ -252,6 +253,7 @@ class Trainer:
             full = unshard_state_dict(self.model)  # collective over the lane group: every rank calls it
             if env.rank < self.layout.lane:  # dp replica 0 writes one optimizer file per lane rank
                 ckpt_io.save_lane_optimizer(tmp, env.rank, self.backend.optimizer_state())
+            barrier()  # every lane rank's file is in tmp before rank 0 publishes (renames) it
         if env.is_main:
             payload = model_payload(self.model)
             if full is not None:
