@@ -3,7 +3,7 @@
 * ``parallel.lane=2``: the model is sharded over both ranks (TP-block lanes for Burger, Megatron shards for
   Llama); at the same effective batch the losses equal the one-process run's, the checkpoint's model.pt is the
   FULL model (loads in one process and equals the one-process run's weights), and a resume from it continues
-  the same curve.
+  the same curve. On 4 ranks, a dp 2 x lane 2 mesh gives the same curve too.
 * ``layer_parallel.enabled=true``: Llama's layer stack is solved by MGRIT over both ranks; the losses stay within
   a stated tolerance of the serial run and the ``lp/*`` monitor figures land in metrics.jsonl.
 """
@@ -93,6 +93,21 @@ def test_lane_parallel_two_ranks_equals_one_process(model, tiny_data, tmp_path, 
     # A different lane degree cannot take the per-lane optimizer state: a clear error, not a shape mismatch.
     with pytest.raises(ValueError, match=r"parallel.lane=2 but this run has parallel.lane=1"):
         run(compose(tiny_overrides(tiny_data, tmp_path / "bad", **extra, **{"train.resume": str(step3)})))
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.timeout(600)
+def test_dp_by_lane_mesh_on_four_ranks_equals_one_process(tiny_data, tmp_path, one_thread):
+    """dp 2 x lane 2: each lane pair reads its dp replica's batch, gradients averaged over the dp group only."""
+    extra = {**EXTRA, "train.max_steps": 4, "train.eval_every": 2, "train.checkpoint_every": 0, "train.micro_batch": 4}
+    mesh_dir, one_dir = tmp_path / "dp2lane2", tmp_path / "one"
+    proc = launch(tiny_overrides(tiny_data, mesh_dir, **extra, **{"parallel.lane": 2}), nproc=4)
+    assert proc.returncode == 0, _why(proc)
+    run(compose(tiny_overrides(tiny_data, one_dir, **extra)))
+    assert read_summary(mesh_dir)["parallel"] == {"dp": 2, "lane": 2}
+    _assert_same_curve(read_metrics(mesh_dir), read_metrics(one_dir), tol=2e-5)
+    _assert_same_weights(ckpt_io.latest_checkpoint(mesh_dir), ckpt_io.latest_checkpoint(one_dir))
 
 
 def test_lane_degree_must_divide_the_world(tiny_data, tmp_path):
