@@ -2,6 +2,7 @@
 and the baseline against Hugging Face ``LlamaForCausalLM`` at the same config. One process.
 
 Targets (issue: model zoo): lanes <= 1.15x the baseline's step time; baseline >= 1.0x HF's speed.
+``--compile`` adds torch.compile'd rows (each compared with the compiled baseline).
 The machine is noisy, so the models are timed round-robin in the same run and each figure is a median;
 only the ratios are meaningful.
 
@@ -64,6 +65,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller sequence and fewer repeats (~1 min)")
     parser.add_argument("--json", metavar="PATH", help="write the figures as JSON")
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--compile", action="store_true",
+                        help="also time torch.compile'd models (fuses the lanes' elementwise work; cold compiles "
+                             "take minutes on CPU)")  # fmt: skip
     args = parser.parse_args()
     torch.manual_seed(0)
     cfgs = configs(args.quick)
@@ -72,6 +76,10 @@ def main() -> None:
     models = {name: build_model(cfg) for name, cfg in cfgs.items()}
     steps = {name: step_fn(m, tokens, hf=False) for name, m in models.items()}
     params = {name: m.num_parameters() for name, m in models.items()}
+    if args.compile:
+        for name in list(models):
+            steps[f"{name} [compiled]"] = step_fn(torch.compile(models[name]), tokens, hf=False)
+            params[f"{name} [compiled]"] = params[name]
     try:
         from tpblocks.models.hf import to_hf
 
@@ -86,12 +94,13 @@ def main() -> None:
     base = median["llama (tpblocks)"]
     rows = []
     for name, t in median.items():
+        baseline = median["llama (tpblocks) [compiled]"] if name.endswith("[compiled]") else base
         rows.append({
             "model": name,
             "params_M": round(params[name] / 1e6, 3),
             "param_ratio": round(params[name] / params["llama (tpblocks)"], 4),
             "step_ms": round(t * 1e3, 1),
-            "ratio_vs_baseline": round(t / base, 3),
+            "ratio_vs_baseline": round(t / baseline, 3),
             "tokens_per_s": round(tokens.numel() / t),
         })  # fmt: skip
     checks = {
@@ -99,6 +108,10 @@ def main() -> None:
         "sandwich_over_baseline": round(median["sandwich-8"] / base, 3),
         "target_lanes_max": 1.15,
     }
+    if args.compile:
+        compiled_base = median["llama (tpblocks) [compiled]"]
+        checks["burger_over_baseline_compiled"] = round(median["burger-8 [compiled]"] / compiled_base, 3)
+        checks["sandwich_over_baseline_compiled"] = round(median["sandwich-8 [compiled]"] / compiled_base, 3)
     if "llama (transformers)" in median:
         checks["baseline_speed_over_hf"] = round(median["llama (transformers)"] / base, 3)
         checks["target_baseline_over_hf_min"] = 1.0
