@@ -28,20 +28,28 @@ def randomise_(module: torch.nn.Module) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- TP block structure
-@pytest.mark.parametrize("recipe", ["sandwich", "burger"])
-def test_single_lane_block_equals_dense_stack(recipe):
-    cfg = tp_cfg(recipe=recipe, lane_count=1, lane_n_heads=4, lane_n_kv_heads=2)
-    rope = RotaryEmbedding(cfg.lane_head_dim, cfg.max_seq_len)
-    block = TPBlock(cfg, rope)
-    dense = [DecoderLayer(32, 4, 2, cfg.lane_ffn_hidden, cfg.norm_eps, rope) for _ in range(cfg.lane_depth)]
+def assert_single_lane_block_equals_dense_stack(block: torch.nn.Module, cfg: ModelConfig) -> None:
+    """Load random dense layers into a one-lane block's lane 0; the block must then be exactly that stack."""
+    rope = block.layers[0].rope
+    width = cfg.lane_hidden_size
+    dense = [
+        DecoderLayer(width, cfg.lane_heads, cfg.lane_kv_heads, cfg.lane_ffn_hidden, cfg.norm_eps, rope)
+        for _ in range(cfg.lane_depth)
+    ]
     for depth, layer in enumerate(dense):
         randomise_(layer)
         block.layers[depth].load_dense_(0, layer)
-    x = torch.randn(2, 7, 32)
+    x = torch.randn(2, 7, width)
     expected = x
     for layer in dense:
         expected = layer(expected, LocalComm())
     torch.testing.assert_close(block(x, LocalComm()), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("recipe", ["sandwich", "burger"])
+def test_single_lane_block_equals_dense_stack(recipe):
+    cfg = tp_cfg(recipe=recipe, lane_count=1, lane_n_heads=4, lane_n_kv_heads=2)
+    assert_single_lane_block_equals_dense_stack(TPBlock(cfg, RotaryEmbedding(cfg.lane_head_dim, 64)), cfg)
 
 
 def test_sandwich_equals_independent_narrow_models():

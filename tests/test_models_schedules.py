@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from test_models import randomise_
+from test_models import assert_single_lane_block_equals_dense_stack, randomise_
 
 from tpblocks.models import LocalComm, build_model, get_flavor
 from tpblocks.models.layers import DecoderLayer
@@ -50,17 +50,7 @@ def test_ladder_matches_reference_and_differs_from_llama():
 def test_track_with_one_lane_equals_dense_stack():
     cfg = get_flavor("debug_track", lane_count=1, lane_n_heads=4, lane_n_kv_heads=2, lane_ffn_factor=2.0,
                      tp_block_repetition=1)  # fmt: skip
-    model = build_model(cfg)
-    block = model.stages[0]
-    dense = [DecoderLayer(64, 4, 2, cfg.lane_ffn_hidden, cfg.norm_eps, block.layers[0].rope) for _ in range(2)]
-    for depth, layer in enumerate(dense):
-        randomise_(layer)
-        block.layers[depth].load_dense_(0, layer)
-    x = torch.randn(1, 7, 64)
-    expected = x
-    for layer in dense:
-        expected = layer(expected, LocalComm())
-    torch.testing.assert_close(block(x, LocalComm()), expected, rtol=1e-5, atol=1e-5)
+    assert_single_lane_block_equals_dense_stack(build_model(cfg).stages[0], cfg)
 
 
 def test_track_merges_by_summing_lane_updates():
