@@ -3,7 +3,7 @@
     torchrun --standalone --nproc_per_node=2 -m tpblocks.parallel.selfcheck --flavor debug_burger --lane 2
 
 Every rank builds the same full model (fixed seed), runs it alone as the reference, shards a copy over the
-lane group and compares logits for a prefill and a few KV-cache decode steps. It prints one line per rank and
+lane group and compares logits for a prefill and a few KV-cache decode steps. Rank 0 prints one line per rank and
 exits non-zero on a mismatch, so a new cluster (or a new backend) can be validated before a long run.
 """
 
@@ -30,7 +30,14 @@ def run(flavor: str, lane: int | None, steps: int, tol: float) -> dict:
     if world == 1:
         raise ValueError("selfcheck needs several ranks: torchrun --standalone --nproc_per_node=2 -m ...")
     try:
-        return _compare(rank, world, flavor, lane, steps, tol)
+        report = _compare(rank, world, flavor, lane, steps, tol)
+        # Rank 0 prints every rank's line: lines written by several processes to one pipe can interleave.
+        reports = [None] * world
+        torch.distributed.all_gather_object(reports, report)
+        if rank == 0:
+            for line in reports:
+                print(json.dumps(line), flush=True)
+        return report
     finally:
         destroy_distributed()
 
@@ -86,7 +93,6 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:  # bad degrees / flavor: one actionable line, no stack trace
         print(f"selfcheck: {err}", file=sys.stderr)
         return 2
-    print(json.dumps(report), flush=True)
     return 0 if report["ok"] else 1
 
 
