@@ -17,11 +17,10 @@ Reception modes (``ModelConfig.comm_reception``):
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kernels import dispatch as kernel_dispatch
-
-from .layers import rms_norm
 
 
 class Reception(nn.Module):
@@ -51,5 +50,6 @@ class Reception(nn.Module):
         others = others / (self.lane_count - 1)
         if self.mode == "mean":
             return x_lbsd + others
-        ones = torch.ones(others.shape[-1], dtype=others.dtype, device=others.device)
-        return x_lbsd + self.gate[point][:, None, None, :] * rms_norm(others, ones, self.eps)
+        # The gate is the only scale, so normalise without a weight (fp32, as rms_norm does).
+        normed = F.rms_norm(others.float(), (others.shape[-1],), eps=self.eps).to(others.dtype)
+        return x_lbsd + self.gate[point][:, None, None, :] * normed

@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .config import ModelConfig
+from .schedule_flavors import schedule_flavors
 from .sizing import solve_hidden_size, total_parameters
 
 LLAMA2_VOCAB = 32000
@@ -194,6 +195,7 @@ FLAVORS: dict[str, Callable[[], ModelConfig]] = {
         for n in (1, 2, 4, 8, 16)
         for recipe in ("sandwich", "burger")
     },
+    **schedule_flavors(),  # every communication schedule at matched parameters (schedule_flavors.py)
 }
 
 
@@ -206,7 +208,3 @@ def get_flavor(name: str, **overrides) -> ModelConfig:
         cfg = cfg.replace(**overrides)
     return cfg.replace(extra={**cfg.extra, "flavor": name, "params": total_parameters(cfg)})
 
-
-from .schedule_flavors import schedule_flavors  # noqa: E402  (every schedule at matched parameters)
-
-FLAVORS.update(schedule_flavors())
