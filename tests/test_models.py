@@ -200,6 +200,24 @@ def test_blocking_syncs_per_forward_match_eq10(cfg, expected):
         assert model.comm.counter.overlapped == cfg.tp_block_repetition * len(cfg.delayed_sends)
 
 
+@pytest.mark.parametrize("flavor", RECIPES)
+def test_compiled_model_does_not_recompile_every_step(flavor):
+    """torch.compile must trace a model once: the sync counter's Python side effect used to be guarded, so each
+    step recompiled until Dynamo gave up and ran eager. Dynamo's "eager" backend keeps the test fast."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = build_model(get_flavor(flavor))
+    compiled = torch.compile(model, backend="eager")
+    tokens = torch.randint(0, 256, (2, 12))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(3):
+            out = compiled(tokens)
+            out.sum().backward()
+    torch.testing.assert_close(out, model(tokens))
+    assert sum(model.comm.counter.by_kind.values()) > 0  # eager calls are still counted
+
+
 # ---------------------------------------------------------------------------------------------- configuration errors
 @pytest.mark.parametrize(
     "changes, field",

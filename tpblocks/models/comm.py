@@ -25,13 +25,20 @@ import torch
 
 @dataclass
 class SyncCounter:
-    """Counts communication points by kind. ``blocking`` are syncs on the critical path (Eq. 10's count)."""
+    """Counts communication points by kind. ``blocking`` are syncs on the critical path (Eq. 10's count).
+
+    Calls inside ``torch.compile``d code are not counted: incrementing a Python int there is a side effect
+    Dynamo specialises on, so every step would recompile (and after ``recompile_limit`` silently run eager).
+    Count with an eager model; the count per forward is fixed by the config (``perfmodel.syncs_for_config``).
+    """
 
     by_kind: Counter = field(default_factory=Counter)
     blocking: int = 0
     overlapped: int = 0
 
     def add(self, kind: str, blocking: bool) -> None:
+        if torch.compiler.is_compiling():
+            return
         self.by_kind[kind] += 1
         if blocking:
             self.blocking += 1
