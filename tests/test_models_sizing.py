@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from tpblocks.models import build_model, count_parameters, get_flavor, solve_hidden_size, total_parameters
+from tpblocks.models import (
+    build_model,
+    count_parameters,
+    get_flavor,
+    solve_hidden_size,
+    total_parameters,
+    training_flops_per_token,
+)
 from tpblocks.models.flavors import TABLE4_PRINTED_PARAMS, lane_family
 from tpblocks.models.io import load_model, save_model
 
@@ -85,3 +92,45 @@ def test_model_file_round_trip(tmp_path):
     tokens = torch.randint(0, 256, (1, 9))
     torch.testing.assert_close(model(tokens), again(tokens), rtol=0, atol=0)
     assert again.cfg == model.cfg
+
+
+def _counted_training_flops(cfg, seq_len: int) -> float:
+    """FLOPs per token of one forward+backward, counted by torch's FlopCounterMode (math attention backend,
+    which runs QK^T and PV as counted matmuls; the fused CPU kernel is not counted)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build_model(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (2, seq_len))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        logits = model(tokens)
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.flatten()).backward()
+    return counter.get_total_flops() / tokens.numel()
+
+
+@pytest.mark.parametrize(
+    "flavor, overrides",
+    [
+        ("debug_llama", {}),
+        ("debug_llama", {"tie_embeddings": False}),
+        ("debug_burger", {}),
+        ("debug_burger", {"comm_reception": "gated", "comm_interleave": 0}),
+        ("debug_sandwich", {"n_classic_layers": 0}),
+        ("debug_palm", {}),
+        ("debug_ladder", {}),
+        ("debug_kraken", {}),
+        ("debug_track", {}),
+    ],
+)
+def test_training_flops_equal_counted_matmuls(flavor, overrides):
+    cfg = get_flavor(flavor, **overrides)
+    analytic = training_flops_per_token(cfg, seq_len=48)
+    assert analytic["total"] == _counted_training_flops(cfg, seq_len=48)
+
+
+def test_burger_runs_more_attention_than_matched_llama():
+    """At equal parameters a Burger lane is full width, so attention work grows ~ sqrt(lanes x depth / layers)."""
+    llama = get_flavor("debug_llama")
+    burger = solve_hidden_size(get_flavor("debug_burger").replace(delayed_comm=False), total_parameters(llama), 0.05)
+    ratio = training_flops_per_token(burger, 256)["attention"] / training_flops_per_token(llama, 256)["attention"]
+    assert ratio > 1.5

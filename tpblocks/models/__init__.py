@@ -5,7 +5,7 @@ from .config import ModelConfig
 from .flavors import FLAVORS, get_flavor
 from .kv_cache import KVCache
 from .model import TransformerLM, build_model
-from .sizing import count_parameters, solve_hidden_size, total_parameters
+from .sizing import count_parameters, solve_hidden_size, total_parameters, training_flops_per_token
 
 __all__ = [
     "FLAVORS",
@@ -20,4 +20,5 @@ __all__ = [
     "get_flavor",
     "solve_hidden_size",
     "total_parameters",
+    "training_flops_per_token",
 ]

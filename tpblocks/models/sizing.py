@@ -54,6 +54,46 @@ def total_parameters(cfg: ModelConfig) -> int:
     return count_parameters(cfg)["total"]
 
 
+def _norm_and_gate_parameters(cfg: ModelConfig) -> int:
+    """Element-wise weights (RMSNorm gains, reception gates): parameters that cost no matmul FLOPs."""
+    h = cfg.hidden_size
+    if cfg.arch in ("llama", "ladder", "palm"):
+        per_layer = h if cfg.arch == "palm" else 2 * h  # PaLM layers share one norm
+        return h + cfg.n_layers * per_layer
+    if cfg.arch == "kraken":
+        return h + cfg.n_layers * cfg.lane_count * 2 * h
+    reps = cfg.tp_block_repetition
+    lane_norms = reps * cfg.lane_count * cfg.lane_depth * 2 * cfg.lane_hidden_size
+    return h + lane_norms + reps * cfg.n_classic_layers * 2 * h + count_parameters(cfg)["reception"]
+
+
+def attention_width_sum(cfg: ModelConfig) -> int:
+    """Sum over every attention of (query heads x head dim): what the score and value matmuls scale with."""
+    classic = cfg.n_heads * cfg.head_dim
+    lane = cfg.lane_heads * cfg.lane_head_dim
+    if cfg.arch in ("llama", "ladder", "palm"):
+        return cfg.n_layers * classic
+    if cfg.arch == "kraken":
+        return cfg.n_layers * cfg.lane_count * lane
+    per_block = cfg.lane_count * cfg.lane_depth * lane + cfg.n_classic_layers * classic
+    return cfg.tp_block_repetition * per_block
+
+
+def training_flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, int]:
+    """Forward+backward FLOPs per token (PaLM appendix B convention: 6 x matmul parameters, with the output
+    head counted even when tied, plus 12 x seq_len x attention width for QK^T and PV, causal mask not halved).
+
+    Parameter-matched models can differ a lot here: a Burger lane is as wide as the model, so at equal
+    parameters it runs more attention (and element-wise work) than the Llama it is matched to.
+    """
+    parts = count_parameters(cfg)
+    head = cfg.vocab_size * cfg.hidden_size
+    matmul_params = parts["total"] - parts["embedding"] - parts["head"] + head - _norm_and_gate_parameters(cfg)
+    flops = {"matmul": 6 * matmul_params, "attention": 12 * seq_len * attention_width_sum(cfg)}
+    flops["total"] = flops["matmul"] + flops["attention"]
+    return flops
+
+
 def hidden_size_step(cfg: ModelConfig) -> int:
     """Smallest granularity of hidden sizes that keeps every head dim even and every split exact."""
     step = 2 * cfg.n_heads
