@@ -129,6 +129,24 @@ def test_bf16_autocast_on_cpu_tracks_fp32(tiny_data, tmp_path):
     assert abs(fp32["final_eval_loss"] - bf16["final_eval_loss"]) < 0.05
 
 
+@pytest.mark.slow
+def test_compiled_training_tracks_eager(tiny_data, tmp_path):
+    """train.compile=true really trains through torch.compile (inductor; ~1 min of cold compile on CPU)."""
+    import torch._dynamo
+    import torch._dynamo.utils
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    eager = _run(tiny_data, tmp_path / "eager", **{"train.max_steps": 3, "train.eval_every": 3})
+    compiled = _run(tiny_data, tmp_path / "compiled", **{"train.max_steps": 3, "train.eval_every": 3,
+                                                          "train.compile": True})  # fmt: skip
+    assert compiled["status"] == "completed"
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # something was compiled
+    a, b = read_metrics(tmp_path / "eager"), read_metrics(tmp_path / "compiled")
+    assert [r["train_loss"] for r in b] == pytest.approx([r["train_loss"] for r in a], rel=1e-4)
+    assert compiled["final_eval_loss"] == pytest.approx(eager["final_eval_loss"], rel=1e-4)
+
+
 def test_wandb_offline_writes_into_the_run_dir(tiny_data, tmp_path):
     run_dir = tmp_path / "run"
     summary = _run(tiny_data, run_dir, **{"train.max_steps": 2, "wandb.mode": "offline"})

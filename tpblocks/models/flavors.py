@@ -207,4 +207,3 @@ def get_flavor(name: str, **overrides) -> ModelConfig:
     if overrides:
         cfg = cfg.replace(**overrides)
     return cfg.replace(extra={**cfg.extra, "flavor": name, "params": total_parameters(cfg)})
-
