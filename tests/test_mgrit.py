@@ -294,6 +294,24 @@ def test_monitor_adds_iterations_then_switches_to_serial():
     assert fresh.decide(0, None, grad_err_est=0.01, grad_err=0.5) == SERIAL
 
 
+def test_monitor_state_round_trips_and_reaches_every_stack():
+    """A resumed run must not forget raised iterations, the serial switch or the plateau window."""
+    cfg = {"enabled": True, "cf": 2, "iters": 1, "max_iters": 4, "grad_tol": 0.1, "plateau_window": 2}
+    lp = apply_layer_parallel(tiny_llama(n_layers=4), cfg)
+    lp.monitor.apply(0, ADD_ITERS, {"grad_err_est": 0.2})  # forward/adjoint iterations 1 -> 2
+    for step, loss in enumerate([2.9, 2.9, 2.9], start=1):  # three of the four losses a plateau verdict needs
+        assert lp.monitor.decide(step, loss, grad_err_est=0.05) == NONE
+    saved = copy.deepcopy(lp.state_dict())
+
+    again = apply_layer_parallel(tiny_llama(n_layers=4), cfg)
+    assert again.stacks[0].fwd_iters == 1
+    again.load_state_dict(saved)
+    assert again.monitor.state == lp.monitor.state and again.monitor.events == lp.monitor.events
+    assert [(s.fwd_iters, s.bwd_iters, s.serial) for s in again.stacks] == [(2, lp.monitor.state.bwd_iters, False)]
+    # The loss window carries over: the fourth flat loss completes the plateau in the restored monitor too.
+    assert again.monitor.decide(4, 2.9, grad_err_est=0.05) == ADD_ITERS
+
+
 def test_monitor_escalates_on_a_loss_plateau_only_when_the_error_matters():
     cfg = MGRITConfig(enabled=True, grad_tol=0.5, plateau_window=5, plateau_rel=0.01, plateau_grad_tol=0.02)
     falling = MGRITMonitor(cfg)

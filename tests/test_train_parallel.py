@@ -139,3 +139,25 @@ def test_mgrit_two_ranks_tracks_the_serial_run(tiny_data, tmp_path, one_thread):
     assert [r["step"] for r in got if "lp/grad_err" in r] == [2, 4, 6]
     assert all(r["lp/grad_err"] < 1e-3 for r in got if "lp/grad_err" in r)
     assert "lp/fwd_residual" not in want[0]
+
+
+def test_resume_restores_the_mgrit_monitor(tiny_data, tmp_path):
+    """What the monitor decided (here: iterations raised to 3) survives a restart; one rank keeps it quick."""
+    lp = {"layer_parallel.enabled": True, "layer_parallel.cf": 2}
+    first = tmp_path / "first"
+    run(compose(tiny_overrides(tiny_data, first, **EXTRA, **LLAMA, **lp)))
+    checkpoint = ckpt_io.complete_checkpoints(first)[0]
+    assert checkpoint.name == "step_00000003"
+    state = torch.load(checkpoint / "trainer.pt", weights_only=False)
+    monitor = state["layer_parallel"]["monitor"]
+    assert (monitor["fwd_iters"], monitor["serial"]) == (2, False)  # the configured iterations, saved
+    monitor.update(fwd_iters=3, bwd_iters=3, events=[{"step": 3, "action": "add_iters"}])  # as if it had escalated
+    torch.save(state, checkpoint / "trainer.pt")
+
+    resumed = tmp_path / "resumed"
+    run(compose(tiny_overrides(tiny_data, resumed, **EXTRA, **LLAMA, **lp, **{"train.resume": str(checkpoint)})))
+    after = read_metrics(resumed)
+    assert [r["step"] for r in after] == [4, 5, 6]
+    assert all(r["lp/fwd_iters"] == 3 and r["lp/bwd_iters"] == 3 for r in after)
+    saved_again = torch.load(ckpt_io.latest_checkpoint(resumed) / "trainer.pt", weights_only=False)
+    assert saved_again["layer_parallel"]["monitor"]["events"] == [{"step": 3, "action": "add_iters"}]

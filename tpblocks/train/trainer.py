@@ -217,8 +217,19 @@ class Trainer:
         self.prior_elapsed = float(state["elapsed_s"])
         self.last_train_loss = state.get("train_loss")
         self.last_eval_loss = state.get("eval_loss")
+        self._resume_layer_parallel(state.get("layer_parallel"), path)
         self.resumed_from = path
         _say(env, f"resumed from {path} (step {self.step})")
+
+    def _resume_layer_parallel(self, saved: dict | None, path: Path) -> None:
+        if self.lp is not None and saved is not None:
+            self.lp.load_state_dict(saved)
+            s = self.lp.monitor.state
+            _say(self.env, f"MGRIT monitor restored from {path}: forward {s.fwd_iters} / adjoint {s.bwd_iters} "
+                           f"iterations{', serial' if s.serial else ''}")  # fmt: skip
+        elif self.lp is not None:
+            _say(self.env, f"{path} holds no MGRIT monitor state (written without layer_parallel): the monitor "
+                           f"starts from layer_parallel's configured iterations")  # fmt: skip
 
     # ------------------------------------------------------------------ pieces of a step
     @torch.no_grad()
@@ -271,6 +282,8 @@ class Trainer:
                 "elapsed_s": self.elapsed(),
                 "train_loss": self.last_train_loss,
                 "eval_loss": self.last_eval_loss,
+                # MGRIT monitor decisions (rank 0's: every rank applied the same broadcast ones)
+                "layer_parallel": self.lp.state_dict() if self.lp is not None else None,
             }
             ckpt_io.write_files(tmp, payload, state)
             ckpt_io.publish(self.run_dir, self.step, self.cfg.train.keep_checkpoints)

@@ -74,6 +74,14 @@ class LayerParallel:
         self.monitor.state.serial = serial
         self._sync()
 
+    def state_dict(self) -> dict:
+        return {"monitor": self.monitor.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the monitor's decisions (raised iterations, serial switch) and apply them to every stack."""
+        self.monitor.load_state_dict(state["monitor"])
+        self._sync()
+
     # ------------------------------------------------------------------ monitoring
     def should_check(self, step: int) -> bool:
         return self.enabled and not self.serial and self.cfg.check_every > 0 and step % self.cfg.check_every == 0

@@ -104,6 +104,20 @@ class MGRITMonitor:
         self.history.append(entry)
         log.debug("layer-parallel monitor: %s", _fmt(entry))
 
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict:
+        """What a resumed run needs to carry on where this one stopped: the iterations the policy raised (or the
+        switch to serial), its decisions so far, and the loss window the plateau test is judging."""
+        s = self.state
+        return {"fwd_iters": s.fwd_iters, "bwd_iters": s.bwd_iters, "serial": s.serial,
+                "events": list(self.events), "losses": list(self._losses)}  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = MonitorState(int(state["fwd_iters"]), int(state["bwd_iters"]), bool(state["serial"]))
+        self.events = list(state["events"])
+        self._losses.clear()
+        self._losses.extend(float(x) for x in state["losses"])
+
 
 def _fmt(d: dict) -> str:
     return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in d.items())
