@@ -290,6 +290,12 @@ class DeepSpeedBackend:
     def save_extra(self, tmp: Path) -> None:
         self.engine.save_checkpoint(str(tmp / "deepspeed"), tag=self.tag)  # collective: every rank calls it
 
+    def close(self) -> None:
+        """Release the engine (its optimizer, hooks and communication buffers) before the process group goes."""
+        destroy = getattr(self.engine, "destroy", None)  # DeepSpeed >= 0.14
+        if destroy is not None:
+            destroy()
+
 
 def _free_port() -> int:
     import socket

@@ -402,7 +402,7 @@ class Trainer:
                 f"{status}: step {self.step}, train loss {_fmt(self.last_train_loss)}, eval loss "
                 f"{_fmt(self.last_eval_loss)}, {summary['wall_s']:.1f} s | run dir: {self.run_dir}",
             )
-            _shutdown()
+            _shutdown(getattr(self, "backend", None), clean=status == "completed")
         return summary
 
     def _summary(self, status: str, error: str | None) -> dict:
@@ -449,10 +449,17 @@ def _config_dict(config_yaml: str) -> dict:
     return OmegaConf.to_container(OmegaConf.create(config_yaml))
 
 
-def _shutdown() -> None:
+def _shutdown(backend: Any, clean: bool) -> None:
+    """Tear down in order: the backend's engine, then (after a run that ended normally on every rank, so no
+    rank is left waiting) a barrier, so no rank destroys its process group while a peer still talks to it."""
     import torch.distributed as dist
 
+    close = getattr(backend, "close", None)
+    if close is not None:
+        close()
     if dist.is_available() and dist.is_initialized():
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
 
 
