@@ -4,7 +4,7 @@ checked here (benchmarks are not tests)."""
 
 import pytest
 
-from benchmarks.train_step import BASELINE, LANE_ASPECT_6_7, configs
+from benchmarks.train_step import BASELINE, LANE_ASPECT_6_7, configs, paired_ratio, report_scale_flops
 from tpblocks.models import solve_hidden_size, total_parameters
 
 
@@ -28,3 +28,17 @@ def test_rule_rows_take_the_depth_nearest_the_report_aspect():
             other = solve_hidden_size(chosen.replace(lane_depth=depth), budget, tolerance=0.02)
             assert gap <= abs(other.lane_hidden_size / depth - aspect) + 1e-9
         assert cfgs[f"{recipe}-8 (depth 4)"].lane_depth == 4
+
+
+def test_paired_ratio_is_the_median_of_per_round_ratios():
+    times = {"base": [1.0, 2.0, 4.0, 1.0], "lane": [1.1, 2.2, 4.4, 9.0]}  # the last round of "lane" was disturbed
+    assert paired_ratio(times, "lane", "base") == pytest.approx(1.1)
+    with pytest.raises(ValueError):
+        paired_ratio({"base": [1.0], "lane": [1.0, 2.0]}, "lane", "base")
+
+
+def test_report_scale_llama_is_parameter_matched():
+    for row in report_scale_flops():
+        assert row["llama_params_B"] == pytest.approx(row["params_B"], rel=0.01), row["model"]
+        # Lanes add attention work but the matmuls (6 x parameters) are shared, so the total ratio is milder.
+        assert 1.0 < row["flop_ratio"] < row["attention_flop_ratio"]

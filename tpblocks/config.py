@@ -33,6 +33,7 @@ SCHEDULERS = ("cosine", "wsd")
 BACKENDS = ("ddp", "deepspeed")
 WANDB_MODES = ("offline", "online", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
+CPU_ALLOCATORS = ("retain", "system")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -131,8 +132,15 @@ class TrainerConfig:
     device: str = "auto"
     zero_stage: int = 1  # deepspeed only
     dist_timeout_s: int = 1800
+    # On CPU: "retain" keeps freed memory in the process (no page faults on every step's activations,
+    # tpblocks/train/cpu_allocator.py); "system" leaves glibc's defaults.
+    cpu_allocator: str = "retain"
 
     def __post_init__(self) -> None:
+        _require(
+            self.cpu_allocator in CPU_ALLOCATORS,
+            f"trainer.cpu_allocator={self.cpu_allocator!r} is unknown; choose one of {CPU_ALLOCATORS}",
+        )
         _require(self.backend in BACKENDS, f"trainer.backend={self.backend!r} is unknown; choose one of {BACKENDS}")
         _require(self.device in DEVICES, f"trainer.device={self.device!r} is unknown; choose one of {DEVICES}")
         _require(

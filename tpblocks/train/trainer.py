@@ -37,6 +37,7 @@ from tpblocks.models import build_model, total_parameters
 from tpblocks.models.io import model_payload
 
 from . import checkpoint as ckpt_io
+from .cpu_allocator import retain_freed_memory
 from .distributed import (
     DistEnv,
     Layout,
@@ -162,7 +163,8 @@ class Trainer:
             f"model {cfg.flavor} ({cfg.model.arch}): {total_parameters(cfg.model):,} parameters | "
             f"data ranks {layout.data_world} x micro_batch {cfg.train.micro_batch} x seq_len {cfg.seq_len} "
             f"x accum {self.accum} = "
-            f"{cfg.train.tokens_per_step:,} tokens/step | backend {cfg.trainer.backend} on {env.device}",
+            f"{cfg.train.tokens_per_step:,} tokens/step | backend {cfg.trainer.backend} on {env.device}"
+            + (" | CPU allocator retains freed memory" if self.cpu_memory_retained else ""),
         )
         if layout.mode == "lane":
             _say(env, f"lane parallel: dp {layout.dp} x lane {layout.lane} (micro-batches counted per dp replica)")
@@ -352,6 +354,8 @@ class Trainer:
     def fit(self) -> dict:
         cfg = self.cfg
         self.env = env = init_distributed(cfg.trainer.device, cfg.trainer.dist_timeout_s)
+        on_cpu = env.device.type == "cpu"
+        self.cpu_memory_retained = on_cpu and cfg.trainer.cpu_allocator == "retain" and retain_freed_memory()
         self.run_dir = Path(cfg.run_dir).resolve()
         status, error = "failed", None
         writer, wandb_run, bar = None, None, None
