@@ -13,7 +13,7 @@ far more attention. The FLOP columns (PaLM convention, ``training_flops_per_toke
 step-time ratio is extra work and how much is the implementation (``time_per_flop_ratio``).
 
 ``--compile`` adds torch.compile'd rows (each compared with the compiled baseline).
-The full run also times the report's own Table 5 pair at its real size (Burger-0, 147M, against the Table 14
+Every run also times the report's own Table 5 pair at its real size (Burger-0, 147M, against the Table 14
 Llama, 135.8M; context 128 as in §5.2), whose training the report measured at 35h40 against 8h (4.46x).
 The machine is noisy, so the models are timed round-robin in the same run: step_ms is a median, and every
 ratio is the median over rounds of that round's ratio (the models of one round run back to back, so a change
@@ -129,8 +129,7 @@ def main() -> None:
                "checks": checks,
                "configs": {n: c.to_dict() for n, c in cfgs.items()}}  # fmt: skip
     payload["report_scale_flops"] = report_scale_flops()
-    if not args.quick:
-        payload["report_table5_pair"] = report_pair(args.batch)
+    payload["report_table5_pair"] = report_pair(args.batch, repeats=3 if args.quick else 5)
     if warning := busy_machine_warning():
         print(warning)
     if args.json:
