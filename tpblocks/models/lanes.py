@@ -88,6 +88,10 @@ class LaneLayer(nn.Module):
     def lanes(self) -> int:
         return self.wq.shape[0]
 
+    def kv_cache_shape(self, batch: int) -> tuple[int, int, int]:
+        """(lanes x batch, KV heads, head dim): lanes fold into the batch axis of the cache, as in ``attention``."""
+        return self.lanes * batch, self.wk.shape[2] // self.head_dim, self.head_dim
+
     def forward(self, x_lbsd: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         x_lbsd = x_lbsd + self.attention(x_lbsd, cache)
         if self.burger_write and kernel_dispatch.use_triton(x_lbsd):
@@ -102,7 +106,7 @@ class LaneLayer(nn.Module):
     def attention(self, x_lbsd: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         l, b, s, _ = x_lbsd.shape
         e = self.head_dim
-        start = cache.pos if cache is not None else 0
+        start = cache.position if cache is not None else 0
         xn = rms_norm(x_lbsd, self.attn_norm[:, None, None, :], self.eps)
         # Lanes fold into the batch axis for attention: (l*b, heads, s, e).
         q = lane_matmul(xn, self.wq).view(l * b, s, -1, e).transpose(1, 2)

@@ -61,15 +61,19 @@ class RotaryEmbedding(nn.Module):
         self.max_seq_len = max_seq_len
         self.half = head_dim // 2
 
-    def forward(self, x_bnse: torch.Tensor, start_pos: int) -> torch.Tensor:
-        s = x_bnse.shape[-2]
-        if start_pos + s > self.max_seq_len:
-            raise ValueError(
-                f"sequence position {start_pos + s} exceeds max_seq_len={self.max_seq_len}; "
-                f"raise model.max_seq_len or shorten the input"
-            )
-        cos = self.cos[start_pos : start_pos + s].to(x_bnse.dtype)
-        sin_signed = self.sin_signed[start_pos : start_pos + s].to(x_bnse.dtype)
+    def forward(self, x_bnse: torch.Tensor, position: int | torch.Tensor) -> torch.Tensor:
+        """Rotate by absolute position: ``position`` is the first new token's (int) or every new token's (s,)."""
+        if isinstance(position, torch.Tensor):  # a static cache's input_pos: a gather, no Python int in the graph
+            cos, sin_signed = self.cos[position], self.sin_signed[position]
+        else:
+            s = x_bnse.shape[-2]
+            if position + s > self.max_seq_len:
+                raise ValueError(
+                    f"sequence position {position + s} exceeds max_seq_len={self.max_seq_len}; "
+                    f"raise model.max_seq_len or shorten the input"
+                )
+            cos, sin_signed = self.cos[position : position + s], self.sin_signed[position : position + s]
+        cos, sin_signed = cos.to(x_bnse.dtype), sin_signed.to(x_bnse.dtype)
         return x_bnse * cos + x_bnse.roll(self.half, dims=-1) * sin_signed
 
 
@@ -83,15 +87,19 @@ def attend(
     """Causal grouped-query attention over the new keys, or over the KV cache when one is given.
 
     With a cache the new k/v are written at the cache's current position and attention runs over all cached
-    positions; queries are offset so that position p attends to positions <= p.
+    positions; queries are offset so that position p attends to positions <= p. A static cache
+    (``StaticKVCache.at``) always runs over its whole buffer with its mask: one shape for every step.
     """
     s = q_bnse.shape[-2]
+    gqa = q_bnse.shape[1] != k_bkse.shape[1]
     start = 0
+    if cache is not None and cache.static:  # the whole preallocated buffer, masked to positions <= the query's
+        k_bkse, v_bkse = cache.update(cache_slot, k_bkse, v_bkse)
+        return F.scaled_dot_product_attention(q_bnse, k_bkse, v_bkse, attn_mask=cache.mask_st, enable_gqa=gqa)
     if cache is not None:
         start = cache.pos
         k_bkse, v_bkse = cache.update(cache_slot, k_bkse, v_bkse)
     t = k_bkse.shape[-2]
-    gqa = q_bnse.shape[1] != k_bkse.shape[1]
     if start == 0:
         return F.scaled_dot_product_attention(q_bnse, k_bkse, v_bkse, is_causal=s > 1, enable_gqa=gqa)
     if s == 1:  # one decode token sees the whole cache: no mask needed
@@ -119,9 +127,13 @@ class Attention(nn.Module):
         self.rope = rope
         self.cache_slot = -1  # set by the model: index of this layer's entry in a KVCache
 
+    def kv_cache_shape(self, batch: int) -> tuple[int, int, int]:
+        """(batch, KV heads held here, head dim) of this layer's cache entry (a TP shard holds fewer heads)."""
+        return batch, self.wk.out_features // self.head_dim, self.head_dim
+
     def forward(self, x_bsh: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         b, s, _ = x_bsh.shape
-        start = cache.pos if cache is not None else 0
+        start = cache.position if cache is not None else 0
         # Head counts are read from the weights so a tensor-parallel shard (fewer heads) runs the same code.
         q = self.wq(x_bsh).view(b, s, -1, self.head_dim).transpose(1, 2)
         k = self.wk(x_bsh).view(b, s, -1, self.head_dim).transpose(1, 2)

@@ -18,7 +18,7 @@ from torch import nn
 
 from .comm import Communicator, LocalComm
 from .config import ModelConfig
-from .kv_cache import KVCache
+from .kv_cache import KVCache, StaticKVCache
 from .layers import DecoderLayer, RMSNorm, RotaryEmbedding, residual_std
 from .schedules import KrakenBlock, LadderStack, ParallelLayer
 from .tp_block import TPBlock
@@ -97,6 +97,26 @@ class TransformerLM(nn.Module):
 
     def new_cache(self, max_seq_len: int | None = None) -> KVCache:
         return KVCache(self.n_cache_slots, max_seq_len or self.cfg.max_seq_len)
+
+    def setup_cache(
+        self, batch: int, max_seq_len: int | None = None, dtype: torch.dtype | None = None, device=None
+    ) -> StaticKVCache:
+        """Preallocated cache for ``batch`` sequences of up to ``max_seq_len`` positions (the decode engine's).
+
+        Sized from the layers as they are now, so call it after ``shard_model`` / ``.to(dtype)``: each rank's
+        buffers hold its own lanes / KV heads. Defaults: the model's ``max_seq_len``, dtype and device.
+        """
+        max_seq_len = max_seq_len or self.cfg.max_seq_len
+        if not 0 < max_seq_len <= self.cfg.max_seq_len:
+            raise ValueError(f"cache max_seq_len={max_seq_len} must be in 1..model max_seq_len={self.cfg.max_seq_len}")
+        if batch <= 0:
+            raise ValueError(f"batch={batch} must be positive")
+        weight = self.tok_embeddings.weight
+        owners = {m.cache_slot: m for m in self.modules() if getattr(m, "cache_slot", -1) >= 0}
+        if sorted(owners) != list(range(self.n_cache_slots)):  # post-hoc groups add slots no layer owns
+            raise ValueError("this model has KV-cache slots that no attention layer owns; use new_cache() (eager)")
+        shapes = [owners[slot].kv_cache_shape(batch) for slot in range(self.n_cache_slots)]
+        return StaticKVCache(shapes, max_seq_len, dtype or weight.dtype, device or weight.device)
 
     def num_parameters(self) -> int:
         """Parameters held by this process, embeddings included, tied weights counted once."""

@@ -1,45 +1,51 @@
-"""An independent count of the collectives that really reach ``torch.distributed``.
+"""An independent count of the collectives that really reach the backend.
 
 ``comm.counter`` counts the model's communication points as the model *asks* for them. ``CollectiveAudit``
-counts what the backend is *given*: inside ``with CollectiveAudit() as audit:`` every
-``torch.distributed.<collective>`` function is wrapped, so a test (or a benchmark) can check that the two
-agree and that the no-communication ceiling really issues none.
+counts what the backend is *given*: inside ``with CollectiveAudit() as audit:`` a ``TorchDispatchMode`` sees
+every functional collective (``_c10d_functional::*``, what ``MeshComm`` issues) and every in-place c10d one
+(``c10d::*``, what ``torch.distributed.all_reduce`` and friends issue), so a test (or a benchmark) can check
+that the two agree and that the no-communication ceiling really issues none.
+
+A functional collective counts as *asynchronous* (``async_ops``) when other work was dispatched between its
+start and its ``wait_tensor``: it ran in the background of that work, as a delayed lane sum should. One waited
+at once is blocking. This is judged from the op stream alone, not from what the communicator says.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 
-import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..infer.perfmodel import syncs_for_config
 from ..models.config import ModelConfig
 
-COLLECTIVES = (
-    "all_reduce",
-    "all_gather",
-    "all_gather_into_tensor",
-    "reduce_scatter",
-    "reduce_scatter_tensor",
-    "broadcast",
-    "reduce",
-    "all_to_all",
-    "all_to_all_single",
-    "send",
-    "recv",
-    "isend",
-    "irecv",
-    "barrier",
-)
+_NAMESPACES = ("_c10d_functional", "c10d")
 
 
-class CollectiveAudit:
-    """Context manager counting calls to ``torch.distributed`` collectives by name (``calls``) and ``async_ops``."""
+def _is_collective(namespace: str, op: str) -> bool:
+    # Waits are not collectives of their own; "_"-prefixed functional ops are helpers (_wrap_tensor_autograd),
+    # while c10d's "_"-prefixed ones are real (_allgather_base_ is dist.all_gather_into_tensor).
+    return op != "wait_tensor" and not (namespace == "_c10d_functional" and op.startswith("_"))
+
+
+def _key(t) -> int | None:
+    """Identity of a collective's result across the ``AsyncCollectiveTensor`` wrapper: its storage."""
+    inner = getattr(t, "elem", t)
+    try:
+        return inner.untyped_storage().data_ptr()
+    except (AttributeError, RuntimeError):
+        return None
+
+
+class CollectiveAudit(TorchDispatchMode):
+    """Context manager counting collectives by op name (``calls``) and how many ran in the background."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.calls: Counter = Counter()
         self.async_ops = 0
-        self._saved: dict[str, object] = {}
+        self._pending: dict[int, int] = {}  # result storage -> ops dispatched since the collective started
 
     @property
     def total(self) -> int:
@@ -48,28 +54,23 @@ class CollectiveAudit:
     def reset(self) -> None:
         self.calls.clear()
         self.async_ops = 0
+        self._pending.clear()
 
-    def _wrap(self, name: str, fn):
-        def counted(*args, **kwargs):
-            self.calls[name] += 1
-            if kwargs.get("async_op"):
-                self.async_ops += 1
-            return fn(*args, **kwargs)
-
-        return counted
-
-    def __enter__(self) -> CollectiveAudit:
-        for name in COLLECTIVES:
-            fn = getattr(dist, name, None)
-            if fn is not None:
-                self._saved[name] = fn
-                setattr(dist, name, self._wrap(name, fn))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for name, fn in self._saved.items():
-            setattr(dist, name, fn)
-        self._saved.clear()
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        namespace, _, op = func._schema.name.partition("::")
+        out = func(*args, **(kwargs or {}))
+        if namespace not in _NAMESPACES:
+            for key in self._pending:
+                self._pending[key] += 1
+            return out
+        if op == "wait_tensor":
+            between = self._pending.pop(_key(args[0]), 0)
+            self.async_ops += between > 0
+        elif _is_collective(namespace, op):
+            self.calls[op.rstrip("_")] += 1
+            if namespace == "_c10d_functional":
+                self._pending[_key(out)] = 0
+        return out
 
 
 def expected_syncs_per_token(cfg: ModelConfig) -> int:

@@ -1,4 +1,4 @@
-"""``MeshComm``: the model's communication points as autograd-aware ``torch.distributed`` collectives.
+"""``MeshComm``: the model's communication points as autograd-aware functional collectives.
 
 The model calls ``comm.tp_reduce`` / ``lane_gather`` / ``lane_sum_start`` (``tpblocks.models.comm``); the base
 class counts each call, this subclass runs it over the lane group of the device mesh. Forward and backward
@@ -13,32 +13,49 @@ of each collective are a conjugate pair (Megatron's f/g):
 ``tp_enter`` is not a model call: ``tpblocks.parallel.placement`` applies it from outside, as a forward
 pre-hook on every TP block and on the attention/FFN of every sharded classic layer.
 
-Collectives are looked up as ``torch.distributed.<name>`` at call time (never bound at import) so
-``tpblocks.parallel.audit.CollectiveAudit`` can count what really reaches the backend and tests can check
-that ``comm.counter`` is honest. Backward collectives are counted in ``comm.backward_counter``.
+Collectives are ``torch.distributed._functional_collectives`` (out of place, traceable), so a compiled decode
+step (``tpblocks.infer.engine``) contains every merge, Megatron reduce and delayed lane sum in its graph. A
+started sum is an ``AsyncCollectiveTensor`` awaited explicitly with ``wait_tensor`` at reception: eagerly the
+collective runs in the background of the layers in between; compiled, inductor places the wait there. They
+run the same backend collectives as ``dist.all_reduce`` / ``all_gather``, so results are bit-identical.
+``tpblocks.parallel.audit.CollectiveAudit`` counts what really reaches the backend (a dispatch mode); backward
+collectives are counted in ``comm.backward_counter``.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 
 from ..models.comm import Communicator, PendingSum, SyncCounter
 
 
-def _sum_over_lane_group(x: torch.Tensor, comm: MeshComm) -> torch.Tensor:
-    """A new tensor holding the sum of ``x`` over the lane group (``x`` itself untouched)."""
-    total = x.contiguous().clone()
-    dist.all_reduce(total, group=comm.group)
-    return total
+# ---------------------------------------------------------------------------------------------- collectives
+def all_reduce_start(x: torch.Tensor, group) -> torch.Tensor:
+    """Start a sum of ``x`` over ``group``; the result must go through ``funcol.wait_tensor`` before use."""
+    return funcol.all_reduce(x.contiguous(), "sum", group)
 
 
+def all_reduce_now(x: torch.Tensor, group) -> torch.Tensor:
+    """A new tensor holding the sum of ``x`` over ``group`` (``x`` itself untouched)."""
+    return funcol.wait_tensor(all_reduce_start(x, group))
+
+
+def all_gather_last_dim(x: torch.Tensor, group, world: int) -> torch.Tensor:
+    """Concatenate ``x`` of every rank (in rank order) along the last dim."""
+    stacked = funcol.wait_tensor(funcol.all_gather_tensor(x.contiguous(), 0, group))  # (world * d0, ...)
+    parts = stacked.view(world, *x.shape)
+    return parts.movedim(0, -2).reshape(*x.shape[:-1], world * x.shape[-1])
+
+
+# ---------------------------------------------------------------------------------------------- autograd pairs
 class _ReduceFromLanes(torch.autograd.Function):
     """g: all-reduce forward, identity backward."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, comm: MeshComm) -> torch.Tensor:
-        return _sum_over_lane_group(x, comm)
+        return all_reduce_now(x, comm.group)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -56,7 +73,7 @@ class _CopyToLanes(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         ctx.comm.backward_counter.add("tp_enter", blocking=True)
-        return _sum_over_lane_group(grad, ctx.comm), None
+        return all_reduce_now(grad, ctx.comm.group), None
 
 
 class _GatherLastDim(torch.autograd.Function):
@@ -66,10 +83,7 @@ class _GatherLastDim(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, comm: MeshComm) -> torch.Tensor:
         ctx.comm = comm
         ctx.width = x.shape[-1]
-        x = x.contiguous()
-        parts = [torch.empty_like(x) for _ in range(comm.lane_world)]
-        dist.all_gather(parts, x, group=comm.group)
-        return torch.cat(parts, dim=-1)
+        return all_gather_last_dim(x, comm.group, comm.lane_world)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -82,60 +96,64 @@ class _AttachSum(torch.autograd.Function):
     """Puts a finished lane sum back into the graph: value = ``total``, gradient flows to ``local``.
 
     The collective itself runs outside autograd on a detached copy (so any transport can run it in the
-    background). The total is used by every rank, so d loss / d (this rank's part) is the sum over ranks of
-    their gradients of the total: an all-reduce.
+    background). With ``reduce_grad`` the total is used differently by every rank (delayed reception), so
+    d loss / d (this rank's part) is the sum over ranks of their gradients of the total: an all-reduce.
+    Without it the sum is consumed identically by every rank (a replicated residual stream, Ladder), so the
+    gradient of each rank's part is the (replicated) gradient of the sum: identity.
     """
 
     @staticmethod
-    def forward(ctx, local_bsd: torch.Tensor, total_bsd: torch.Tensor, comm: MeshComm) -> torch.Tensor:
-        ctx.comm = comm
-        return total_bsd.view_as(total_bsd)
+    def forward(ctx, local: torch.Tensor, total: torch.Tensor, comm: MeshComm, reduce_grad: bool) -> torch.Tensor:
+        ctx.comm, ctx.reduce_grad = comm, reduce_grad
+        return total.view_as(total)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
+        if not ctx.reduce_grad:
+            return grad, None, None, None
         ctx.comm.backward_counter.add("lane_sum", blocking=True)
-        return _sum_over_lane_group(grad, ctx.comm), None, None
+        return all_reduce_now(grad, ctx.comm.group), None, None, None
 
 
 class PendingAllReduce(PendingSum):
-    """Handle of an in-flight lane sum: ``wait()`` blocks on the collective and returns the total (b, s, d)."""
+    """Handle of an in-flight sum over the lane group: ``wait()`` joins it and returns the total (b, s, d).
 
-    def __init__(self, local_bsd: torch.Tensor, comm: MeshComm):
-        super().__init__(local_bsd)
+    ``reduce_grad``: whether the backward of the sum all-reduces (``_AttachSum``).
+    """
+
+    def __init__(self, local: torch.Tensor, comm: MeshComm, reduce_grad: bool = True):
+        super().__init__(local)
         self._comm = comm
+        self._reduce_grad = reduce_grad
         self._done: torch.Tensor | None = None
         if comm.lane_sum_method == "async":
-            self._total = local_bsd.detach().contiguous().clone()
-            self._work = dist.all_reduce(self._total, group=comm.group, async_op=True)
-        else:  # GPU transports (symmetric-memory one-shot all-reduce) live with the kernels
+            self._total = all_reduce_start(local.detach(), comm.group)
+            self._work = None
+        else:  # GPU transports (symmetric-memory one-shot all-reduce) live with the kernels; eager only
             from kernels.comm import delayed_all_reduce_start
 
-            self._work = delayed_all_reduce_start(local_bsd.detach(), comm.group, comm.lane_sum_method)
+            self._work = delayed_all_reduce_start(local.detach(), comm.group, comm.lane_sum_method)
             self._total = None
 
     def wait(self) -> torch.Tensor:
         if self._done is None:
-            if self._total is None:  # kernels.comm handle: wait() returns the sum
-                total = self._work.wait()
-            else:
-                self._work.wait()
-                total = self._total
+            total = self._work.wait() if self._work is not None else funcol.wait_tensor(self._total)
             local = self._value
             if torch.is_grad_enabled() and local.requires_grad:
-                total = _AttachSum.apply(local, total, self._comm)
+                total = _AttachSum.apply(local, total, self._comm, self._reduce_grad)
             self._done = total
         return self._done
 
 
+# ---------------------------------------------------------------------------------------------- communicator
 class MeshComm(Communicator):
     """Communicator over the lane (= tensor-parallel) group of a device mesh.
 
     ``mesh_or_group`` is a ``DeviceMesh`` with a ``"lane"`` dim (``ParallelDims.build_mesh``), a
     ``ProcessGroup`` of the lane group, or ``None`` for the default group (every rank in one lane group).
     ``enabled=False`` (set on the instance) keeps every call local: the no-communication ceiling.
-    ``lane_sum_method``: "async" (``all_reduce(async_op=True)``, any backend) or, on CUDA, "auto"/"symm_mem" to
-    run the delayed sums with ``kernels.comm`` (one-shot symmetric-memory all-reduce; not visible to
-    ``CollectiveAudit``, which only sees ``torch.distributed`` calls).
+    ``lane_sum_method``: "async" (functional all-reduce, any backend, traceable) or, on CUDA, "auto"/"symm_mem"
+    to run the delayed sums eagerly with ``kernels.comm`` (one-shot symmetric-memory all-reduce).
     """
 
     def __init__(self, mesh_or_group=None, dim: str = "lane", lane_sum_method: str = "async"):
@@ -175,14 +193,20 @@ class MeshComm(Communicator):
         return _CopyToLanes.apply(x, self)
 
     # ------------------------------------------------------------------ Communicator implementation
+    # Without autograd (decode) the collectives are called directly: nothing to attach, and a plain call is
+    # what a compiled decode step traces.
     def _tp_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.lane_world == 1:
             return x
+        if not torch.is_grad_enabled():
+            return all_reduce_now(x, self.group)
         return _ReduceFromLanes.apply(x, self)
 
     def _lane_gather(self, x_bsf: torch.Tensor) -> torch.Tensor:
         if self.lane_world == 1:
             return x_bsf
+        if not torch.is_grad_enabled():
+            return all_gather_last_dim(x_bsf, self.group, self.lane_world)
         return _GatherLastDim.apply(x_bsf, self)
 
     def _lane_sum_start(self, x_lbsd: torch.Tensor) -> PendingSum:
@@ -192,17 +216,15 @@ class MeshComm(Communicator):
         return PendingAllReduce(local_bsd, self)
 
     def _vocab_gather(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.lane_world == 1:
-            return logits
-        return _GatherLastDim.apply(logits, self)
+        return self._lane_gather(logits)
 
-    # Schedules (tpblocks.parallel.schedule_placement): Ladder's asynchronous row-parallel sum, Track's merge.
+    # Schedules: Ladder's asynchronous row-parallel sum (identity backward), Track's blocking merge.
     def _tp_reduce_start(self, x: torch.Tensor) -> PendingSum:
-        from .schedule_placement import start_tp_reduce
-
-        return start_tp_reduce(x, self)
+        if self.tp_world == 1:
+            return PendingSum(x)
+        return PendingAllReduce(x, self, reduce_grad=False)
 
     def _lane_reduce(self, x_bsd: torch.Tensor) -> torch.Tensor:
-        from .schedule_placement import lane_reduce
-
-        return lane_reduce(x_bsd, self)
+        # The base class builds it from a lane sum, whose backward all-reduces (right for delayed reception,
+        # where every rank uses the total differently); Track's merged state is replicated: g, identity backward.
+        return self._tp_reduce(x_bsd)

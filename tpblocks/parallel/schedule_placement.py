@@ -20,8 +20,8 @@ Parallel Track needs one more piece. Its block returns ``x + lane_reduce(sum_l (
 per rank. A zero-valued term ``-(W-1)/W * (x - x.detach())`` added to the block output (a forward hook) takes
 back exactly that surplus after the all-reduce, without changing a single bit of the forward value.
 
-``start_tp_reduce`` / ``lane_reduce`` implement ``MeshComm._tp_reduce_start`` / ``_lane_reduce``: a truly
-asynchronous all-reduce (``async_op=True``, waited in ``wait()``) attached to autograd as g.
+The collectives these stages call (``MeshComm._tp_reduce_start``, an asynchronous all-reduce attached to
+autograd as g, and ``_lane_reduce``) live with the others in ``comm.py``.
 """
 
 from __future__ import annotations
@@ -29,10 +29,9 @@ from __future__ import annotations
 import weakref
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from ..models.comm import Communicator, PendingSum
+from ..models.comm import Communicator
 from ..models.schedules import KrakenBlock, LadderStack, ParallelLayer
 from ..models.tp_block import TPBlock
 from .placement import Copies, ShardSpec, _shard_classic, _shard_lanes, _shard_tp_block, _tp_enter_hook
@@ -89,55 +88,3 @@ def shard_schedule_stage(
     else:
         return False
     return True
-
-
-# ---------------------------------------------------------------------------------------------- collectives
-class _AttachReduced(torch.autograd.Function):
-    """g for a finished asynchronous all-reduce: value = ``total``, gradient passes to ``local`` unchanged.
-
-    The sum is consumed identically by every rank (a replicated residual stream), so the gradient of each
-    rank's part is the (replicated) gradient of the sum: identity, no collective in backward.
-    """
-
-    @staticmethod
-    def forward(ctx, local: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
-        return total.view_as(total)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad, None
-
-
-class PendingTPReduce(PendingSum):
-    """An all-reduce started with ``async_op=True``; ``wait()`` blocks on it and returns the sum (in autograd)."""
-
-    def __init__(self, local: torch.Tensor, group) -> None:
-        super().__init__(local)
-        self._total = local.detach().contiguous().clone()
-        self._work = dist.all_reduce(self._total, group=group, async_op=True)
-        self._done: torch.Tensor | None = None
-
-    def wait(self) -> torch.Tensor:
-        if self._done is None:
-            self._work.wait()
-            local, total = self._value, self._total
-            self._done = _AttachReduced.apply(local, total) if local.requires_grad else total
-        return self._done
-
-
-def start_tp_reduce(x: torch.Tensor, comm) -> PendingSum:
-    """``MeshComm._tp_reduce_start``: the row-parallel sum of ``x``, started now, awaited by ``wait()``."""
-    if comm.tp_world == 1:
-        return PendingSum(x)
-    return PendingTPReduce(x, comm.group)
-
-
-def lane_reduce(x_bsd: torch.Tensor, comm) -> torch.Tensor:
-    """``MeshComm._lane_reduce``: blocking sum of the ranks' partial sums, g (identity backward).
-
-    The base class would build it from a lane sum, whose backward all-reduces (right for delayed reception,
-    where every rank uses the total differently); Track's merged state is replicated, so its backward is identity.
-    """
-    if comm.lane_world == 1:
-        return x_bsd
-    return comm._tp_reduce(x_bsd)
