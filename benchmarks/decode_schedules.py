@@ -14,8 +14,9 @@ ceiling). In one run:
      the exposed part of the overlapped ones (``pred ms``; ``pred ms no-ovl`` charges them a full t_sync,
      which is what gloo on a shared CPU gives, see TOOLCHAIN.md §3); ``pred* ms`` uses the sync cost measured
      between matvecs (``calibrate``'s in-compute t_sync) instead of back-to-back all-reduces.
-Timing, warm-up and the group median are ``benchmarks/decode.py``'s own functions, and its defaults (hidden 384,
-short rounds interleaved over every configuration).
+Timing, warm-up, the group median and the decode engines (``--compile`` adds compiled rows, ``--dtype``,
+``--batch``) are ``benchmarks/decode.py``'s own functions, and its defaults (hidden 384, short rounds interleaved
+over every configuration).
 """
 
 from __future__ import annotations
@@ -32,12 +33,15 @@ import torch  # noqa: E402
 from benchmarks.common import busy_machine_warning, machine_info, print_table, write_json  # noqa: E402
 from benchmarks.decode import (  # noqa: E402
     _group_quantile,
+    build_engines,
     calibrate_decode,
+    ceiling_label,
     parse_decode_args,
     run_distributed,
     time_interleaved,
 )
 from tpblocks.infer import perfmodel as pm  # noqa: E402
+from tpblocks.infer.engine import resolve_dtype  # noqa: E402
 from tpblocks.models import ModelConfig, build_model, total_parameters  # noqa: E402
 from tpblocks.models.schedule_flavors import SCHEDULE_NAMES, schedule_config  # noqa: E402
 from tpblocks.parallel import CollectiveAudit, MeshComm, ParallelDims, shard_model  # noqa: E402
@@ -46,10 +50,12 @@ LABELS = {"llama": "llama-TP", "palm": "palm", "ladder": "ladder", "kraken": "kr
           "burger": "burger (TP block)"}  # fmt: skip
 
 
-def build_configs(hidden: int, depth: int, vocab: int, degree: int, track_depth: int, max_seq_len: int):
-    """The Llama of ``depth`` layers and every other schedule re-cut from it at its parameter count."""
-    base = ModelConfig(arch="llama", vocab_size=vocab, hidden_size=hidden, n_heads=12, n_kv_heads=4,
-                       ffn_factor=8 / 3, n_layers=depth, max_seq_len=max_seq_len)  # fmt: skip
+def build_configs(preset: dict, degree: int, track_depth: int, max_seq_len: int):
+    """The preset's Llama (``benchmarks.decode.PRESETS``) and every other schedule re-cut at its parameter count."""
+    base = ModelConfig(arch="llama", vocab_size=preset["vocab"], hidden_size=preset["hidden"],
+                       n_heads=preset["n_heads"], n_kv_heads=preset["n_kv_heads"], ffn_factor=preset["ffn_factor"],
+                       n_layers=preset["depth"], max_seq_len=max_seq_len,
+                       tie_embeddings=preset["tie"])  # fmt: skip
     return {name: schedule_config(name, base, degree=degree, track_depth=track_depth) for name in SCHEDULE_NAMES}
 
 
@@ -75,40 +81,44 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args, rank: int, world: int, tokens: int, rounds: int, warmup: int) -> int:
-    cfgs = build_configs(args.hidden, args.depth, args.vocab, world, args.track_depth,
-                         args.prompt + warmup + tokens + 8)  # fmt: skip
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)  # one entry per engine
+    max_seq_len = args.prompt + warmup + tokens
+    cfgs = build_configs(args.model, world, args.track_depth, max_seq_len + 8)
     mesh = ParallelDims(dp=1, lane=world, world_size=world).build_mesh("cpu")
     calib, hw, hw_star, context = calibrate_decode(cfgs["llama"], args, rank, world, tokens, rounds, warmup)
 
-    runs: dict[str, tuple] = {}  # label -> (schedule, cfg, model, communicate)
+    runs: dict[str, tuple] = {}  # label -> (schedule, cfg, engine, communicate)
     for name, cfg in cfgs.items():
         torch.manual_seed(0)  # identical full weights on every rank: shard_model slices them
         model = shard_model(build_model(cfg).eval(), MeshComm(mesh))
-        runs[LABELS[name]] = (name, cfg, model, True)
-        runs[f"{LABELS[name]} no-comm"] = (name, cfg, model, False)
+        for label, (engine, _, communicate) in build_engines(LABELS[name], model, args, max_seq_len, world).items():
+            runs[label] = (name, cfg, engine, communicate)
 
     counted: dict[str, tuple] = {}
 
     def audit(label: str, model) -> None:
         counted[label] = audited_step(model)
 
-    timed = {label: (model, world, communicate) for label, (_, _, model, communicate) in runs.items()}
+    timed = {label: (engine, world, communicate) for label, (_, _, engine, communicate) in runs.items()}
     times, _ = time_interleaved(timed, args.prompt, tokens, warmup, rounds, rank, first_round=audit)
 
     figures = {}
-    for label, (name, cfg, _, communicate) in runs.items():
+    precision = torch.finfo(resolve_dtype(args.dtype)).bits // 8
+    for label, (name, cfg, engine, communicate) in runs.items():
         measured = _group_quantile(times[label], 0.5, world)
-        blocking, overlapped, collectives, async_ops = counted[label]
-        pred = pm.predict(cfg, hw, devices=world, context=context, precision=4, communicate=communicate)
-        pred_star = pm.predict(cfg, hw_star, devices=world, context=context, precision=4, communicate=communicate)
+        blocking, overlapped, collectives, async_ops = counted[label.removesuffix(" [compiled]")]
+        kw = dict(devices=world, context=context, precision=precision, batch=args.batch)
+        pred = pm.predict(cfg, hw, communicate=communicate, **kw)
+        pred_star = pm.predict(cfg, hw_star, communicate=communicate, **kw)
         no_overlap = pred.t_decode
         if communicate and cfg.arch in pm.OVERLAPPED_SCHEDULES:
             no_overlap = pred.t_memory + pred.t_sync_total - pm.exposed_overlapped_time(
-                cfg, hw, devices=world, precision=4
-            ) + pm.exposed_overlapped_time(cfg, hw, devices=world, precision=4, hides=False)  # fmt: skip
+                cfg, hw, devices=world, precision=precision
+            ) + pm.exposed_overlapped_time(cfg, hw, devices=world, precision=precision, hides=False)  # fmt: skip
         figures[label] = dict(
-            schedule=name, communicate=communicate, params=total_parameters(cfg), devices=world,
-            bytes_per_rank=pm.decode_bytes(cfg, devices=world, context=context, precision=4).total,
+            schedule=name, communicate=communicate, compiled=engine.compiled, params=total_parameters(cfg),
+            devices=world, bytes_per_rank=pm.decode_bytes(cfg, devices=world, context=context, precision=precision,
+                                                          batch=args.batch).total,
             syncs_blocking_measured=blocking, syncs_overlapped_measured=overlapped,
             collectives_measured=collectives, async_collectives_measured=async_ops,
             syncs_blocking_formula=pm.syncs_for_config(cfg) if communicate else 0,
@@ -120,10 +130,11 @@ def _run(args, rank: int, world: int, tokens: int, rounds: int, warmup: int) -> 
     if rank != 0:
         return 0
 
-    base, base_pred = figures["llama-TP"]["measured_s"], figures["llama-TP"]["predicted_s"]
     rows = []
     for label, f in figures.items():
-        ceiling = figures[label if not f["communicate"] else f"{label} no-comm"]
+        tp = figures["llama-TP [compiled]" if f["compiled"] else "llama-TP"]
+        base, base_pred = tp["measured_s"], tp["predicted_s"]
+        ceiling = figures[ceiling_label(label)]
         f["speedup_vs_llama_tp"] = base / f["measured_s"]
         f["predicted_speedup_vs_llama_tp"] = base_pred / f["predicted_s"]
         f["fraction_of_ceiling"] = ceiling["measured_s"] / f["measured_s"]
@@ -146,9 +157,10 @@ def _run(args, rank: int, world: int, tokens: int, rounds: int, warmup: int) -> 
             "of ceiling": f"{f['fraction_of_ceiling']:.2f}",
         })  # fmt: skip
     print_table(rows, title=(
-        f"\nbatch-1 decode, every schedule at {figures['llama-TP']['params'] / 1e6:.1f}M parameters, depth "
-        f"{args.depth}, {world} ranks (gloo), fp32 (t_sync {hw.t_sync * 1e6:.0f} us, beta {hw.beta / 1e9:.2f} GB/s "
-        f"measured in this run); syncs b+o = blocking + overlapped per token"))  # fmt: skip
+        f"\ndecode (batch {args.batch}, {args.dtype}), every schedule at {figures['llama-TP']['params'] / 1e6:.1f}M "
+        f"parameters, depth {args.depth}, {world} ranks (gloo) (t_sync {hw.t_sync * 1e6:.0f} us, "
+        f"beta {hw.beta / 1e9:.2f} GB/s measured in this run); syncs b+o = blocking + overlapped per token"
+    ))  # fmt: skip
     warning = busy_machine_warning()
     if warning:
         print(warning)

@@ -3,6 +3,7 @@
     python launch/generate.py checkpoint=outputs/.../run prompt="Once upon a time" max_new_tokens=64 \
         temperature=0.8 top_k=50 seed=0
     torchrun --nproc_per_node=2 launch/generate.py checkpoint=... prompt="..."     # lanes split over 2 ranks
+    python launch/generate.py checkpoint=... prompt="..." compile=true dtype=bf16 batch=4
 
 Arguments (key=value):
   checkpoint      a run directory (uses checkpoints/latest), a checkpoint directory holding model.pt, or a
@@ -11,6 +12,11 @@ Arguments (key=value):
   tokenizer       sentencepiece .model; default: data.tokenizer_path from the run's config.yaml, else the
                   tokenizer the trainer cached for that data config. Without one, only token ids are printed
   max_new_tokens  (32) temperature (0 = greedy) top_k (none) seed (0) eos (stop at the tokenizer's EOS: true)
+  compile         (false) compiled decode step (tpblocks.infer.engine; CUDA graphs on a GPU)
+  dtype           (fp32) decode weights: fp32, bf16 or fp16
+  batch           (1) sequences decoded together, each from the prompt (differ when sampling)
+  vocab_parallel  (false) over a lane group, split the output head by vocabulary rows
+Tokens are streamed as they come (rank 0, first sequence); the decode speed is printed at the end.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ if str(REPO) not in sys.path:  # runnable from a checkout without `pip install -
 
 DEFAULTS = dict(
     checkpoint=None, prompt=None, prompt_ids=None, tokenizer=None, max_new_tokens=32, temperature=0.0, top_k=None,
-    seed=0, eos=True,
+    seed=0, eos=True, compile=False, dtype="fp32", batch=1, vocab_parallel=False,
 )  # fmt: skip
 
 
@@ -115,7 +121,6 @@ def main(argv: list[str]) -> int:
 
     import sentencepiece as spm
 
-    from tpblocks.infer import generate
     from tpblocks.models.io import load_model
     from tpblocks.parallel import MeshComm, ParallelDims, destroy_distributed, init_distributed, shard_model
 
@@ -140,24 +145,71 @@ def main(argv: list[str]) -> int:
             )
         if world > 1:
             mesh = ParallelDims(dp=1, lane=world, world_size=world).build_mesh("cpu")
-            model = shard_model(model, MeshComm(mesh))
-        out = generate(
-            model, prompt_ids, int(args["max_new_tokens"]), temperature=float(args["temperature"]),
-            top_k=args["top_k"], seed=args["seed"], eos_id=eos_id, progress=rank == 0 and sys.stderr.isatty(),
-        )  # fmt: skip
+            model = shard_model(model, MeshComm(mesh), vocab_parallel_head=bool(args["vocab_parallel"]))
+        out, speed = _decode(model, prompt_ids, args, eos_id, stream=_streamer(sp, prompt_ids) if rank == 0 else None)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
         destroy_distributed()
     if rank == 0:
-        print(f"model: {model_path} (arch={model.cfg.arch}, recipe={model.cfg.recipe}, ranks={world})")
+        print(f"\nmodel: {model_path} (arch={model.cfg.arch}, recipe={model.cfg.recipe}, ranks={world})")
         print(f"prompt ids: {prompt_ids}")
-        print(f"generated ids: {out}")
+        print(f"generated ids: {out[0]}" if len(out) == 1 else "generated ids:\n" + "\n".join(map(str, out)))
         if sp is not None:
-            print(f"text: {sp.decode(prompt_ids + out)}")
-            print(f"generated: {sp.decode(out)}")
+            print(f"text: {sp.decode(prompt_ids + out[0])}")
+            print(f"generated: {sp.decode(out[0])}")
+        print(speed)
     return 0
+
+
+def _streamer(sp, prompt_ids: list[int]):
+    """Print the first sequence's new text as each token arrives (token ids without a tokenizer)."""
+    ids: list[int] = []
+    shown = [""]
+
+    def stream(tokens_b) -> None:
+        ids.append(int(tokens_b[0]))
+        if sp is None:
+            print(ids[-1], end=" ", flush=True)
+            return
+        text = sp.decode(ids)
+        print(text[len(shown[0]) :], end="", flush=True)
+        shown[0] = text
+
+    return stream
+
+
+def _decode(model, prompt_ids: list[int], args: dict, eos_id: int | None, stream) -> tuple[list[list[int]], str]:
+    """New token ids per sequence (cut after EOS) and a line with the measured decode speed."""
+    import time
+
+    import torch
+
+    from tpblocks.infer import DecodeEngine
+
+    batch, n = int(args["batch"]), int(args["max_new_tokens"])
+    if batch < 1:
+        raise ValueError(f"batch={batch} must be >= 1")
+    engine = DecodeEngine(model, batch=batch, max_seq_len=len(prompt_ids) + max(n, 1), dtype=args["dtype"],
+                          compile=bool(args["compile"]))  # fmt: skip
+    stamps: list[float] = []
+    t0 = time.perf_counter()
+    out = engine.generate(
+        torch.tensor([prompt_ids] * batch), n, temperature=float(args["temperature"]), top_k=args["top_k"],
+        seed=args["seed"], eos_id=eos_id, on_token=lambda t: (stamps.append(time.perf_counter()), stream and stream(t)),
+    )  # fmt: skip
+    rows = [row.tolist() for row in out]
+    if eos_id is not None:
+        rows = [r[: r.index(eos_id) + 1] if eos_id in r else r for r in rows]
+    if len(stamps) < 3:
+        return rows, f"prefill + first token {((stamps or [t0])[0] - t0) * 1e3:.0f} ms"
+    # The first decode step compiles (compile=true): the speed is measured over the steps after it.
+    per_token = (stamps[-1] - stamps[1]) / (len(stamps) - 2)
+    mode = "compiled" if args["compile"] else "eager"
+    return rows, (f"prefill + first token {(stamps[0] - t0) * 1e3:.0f} ms (includes compiling); decode {mode} "
+                  f"{args['dtype']}: {per_token * 1e3:.2f} ms/step, {1 / per_token:.1f} tok/s per sequence, "
+                  f"{batch / per_token:.1f} tok/s for batch {batch}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -94,11 +94,11 @@ def test_eos_and_argument_errors():
 
 
 # ---------------------------------------------------------------------- compiled == eager, no recompilation
-def _compiled_matches_eager(model, prompt_lengths=(5, 9, 3)) -> tuple[torch.Tensor, torch.Tensor]:
+def _compiled_matches_eager(model, prompt_lengths=(5, 9, 3), compile_prefill=True) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy streams of an eager and a compiled engine; asserts no graph break / recompilation after warm-up."""
     max_len = max(prompt_lengths) + STEPS
     eager = DecodeEngine(model, max_seq_len=max_len)
-    compiled = DecodeEngine(model, max_seq_len=max_len, compile=True)
+    compiled = DecodeEngine(model, max_seq_len=max_len, compile=True, compile_prefill=compile_prefill)
     first = _prompt(prompt_lengths[0])
     want, got = eager.generate(first, STEPS), compiled.generate(first, STEPS)  # warm-up: prefill + decode graphs
     graphs = dynamo_utils.counters["stats"]["unique_graphs"]
@@ -152,7 +152,8 @@ def _two_rank_compiled_worker(rank: int, world: int) -> None:
         per_step = comm.counter.blocking + comm.counter.overlapped
         assert per_step > 0
         assert _collectives_in_graph(model, prompt) == per_step, f"{flavor}: graph lacks collectives"
-        want, got = _compiled_matches_eager(model)
+        # The dynamic-length prefill graph is checked in one process; here the compiled decode step (collectives).
+        want, got = _compiled_matches_eager(model, compile_prefill=False)
         assert torch.equal(want, got), f"{flavor} rank {rank}: compiled and eager streams differ"
         single = DecodeEngine(_model(flavor), max_seq_len=5 + STEPS).generate(prompt, STEPS)
         assert torch.equal(want, single), f"{flavor}: 2 ranks differ from one process"
@@ -160,6 +161,6 @@ def _two_rank_compiled_worker(rank: int, world: int) -> None:
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1500)
 def test_compiled_greedy_equals_eager_on_two_ranks():
     run_workers(_two_rank_compiled_worker, world=2)

@@ -146,11 +146,11 @@ def test_sharded_generation_on_two_ranks_equals_one_process():
 
 
 # ---------------------------------------------------------------------- launch/generate.py
-def _run_launcher(*args: str) -> subprocess.CompletedProcess:
+def _run_launcher(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [sys.executable, str(REPO / "launch" / "generate.py"), *args],
-        capture_output=True, text=True, timeout=120, env=env, cwd=REPO,
+        capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO,
     )  # fmt: skip
 
 
@@ -195,3 +195,16 @@ def test_launch_generate_with_tokenizer_from_config(tmp_path, shared_data):
     expected = generate(model, ids, 5, temperature=0.8, top_k=50, seed=1)
     assert f"generated ids: {expected}" in proc.stdout
     assert sp.decode(expected) in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_launch_generate_compiled_bf16_batch_streams_and_reports_speed(tmp_path):
+    model = _model("debug_llama")
+    run = _run_dir_with_checkpoint(tmp_path, model)
+    proc = _run_launcher(f"checkpoint={run}", "prompt_ids=[5,17,42]", "max_new_tokens=8", "compile=true",
+                         "dtype=bf16", "batch=2", timeout=380)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "decode compiled bf16" in proc.stdout and "tok/s for batch 2" in proc.stdout
+    rows = proc.stdout.split("generated ids:\n")[1].splitlines()[:2]
+    assert all(len(eval(r)) == 8 for r in rows)  # both sequences, 8 tokens each (streamed ids printed before)

@@ -58,6 +58,30 @@ def sample(
     return (probs_bv / race_bv).argmax(-1)
 
 
+def vocab_parallel_sample(
+    local_bv: torch.Tensor, comm, temperature: float = 0.0, top_k: int | None = None, generator=None
+) -> torch.Tensor:
+    """``sample`` for a vocabulary-parallel head: each rank holds logits of rows [r V/G, (r+1) V/G) (b, V/G).
+
+    Greedy and top-k gather only candidates, one tiny collective (``comm.vocab_gather``): each rank proposes
+    its k best (value, global index) pairs, every rank picks from the k*G (greedy: k = 1). The full logits
+    are gathered only for temperature sampling without a top-k cut. Ties go to the lowest index, as argmax.
+    """
+    b, shard = local_bv.shape
+    if temperature > 0 and (top_k is None or top_k >= shard * comm.lane_world):
+        return sample(comm.vocab_gather(local_bv), temperature, None, generator)
+    k = 1 if temperature == 0 else min(top_k, shard)
+    assert shard * comm.lane_world < 2**24, "global token ids travel as fp32, exact below 2^24"
+    values_bk, index_bk = local_bv.float().topk(k, dim=-1)
+    index_bk = index_bk + comm.lane_rank * shard
+    cand_bg2k = comm.vocab_gather(torch.cat([values_bk, index_bk.float()], dim=-1)).view(b, -1, 2, k)
+    values_bc, index_bc = cand_bg2k[:, :, 0].reshape(b, -1), cand_bg2k[:, :, 1].reshape(b, -1).long()
+    if temperature == 0:
+        return index_bc.gather(-1, values_bc.argmax(-1, keepdim=True)).squeeze(-1)
+    picked_b = sample(values_bc, temperature, top_k, generator)  # position among the candidates
+    return index_bc.gather(-1, picked_b[:, None]).squeeze(-1)
+
+
 def _lane_group(model: nn.Module):
     """The process group of the model's communicator when it spans several processes, else None."""
     comm = getattr(model, "comm", None)
@@ -70,7 +94,8 @@ class DecodeEngine:
 
     ``dtype`` casts the model in place (decode in bf16/fp16). ``compile``: compile decode (fullgraph) and
     prefill (dynamic length). ``mode``: the decode compile mode, default "reduce-overhead" on CUDA (CUDA
-    graphs) and inductor's default on CPU. Every rank of a lane group builds the same engine and calls it
+    graphs) and inductor's default on CPU; ``compile_prefill=False`` keeps prefill eager (benchmarks that only
+    time decode steps save its compile). Every rank of a lane group builds the same engine and calls it
     with the same arguments.
     """
 
@@ -83,6 +108,7 @@ class DecodeEngine:
         dtype: str | torch.dtype | None = None,
         compile: bool = False,
         mode: str | None = None,
+        compile_prefill: bool = True,
     ):
         dtype = resolve_dtype(dtype)
         if dtype is not None:
@@ -94,30 +120,34 @@ class DecodeEngine:
         self.device = model.tok_embeddings.weight.device
         self.compiled = compile
         self.group = _lane_group(model)
+        # A vocabulary-parallel head: the steps return this rank's logit shard and ``pick`` gathers candidates.
+        self.vocab_parallel = bool(getattr(model, "vocab_parallel", False))
         self._decode, self._prefill = self._decode_step, self._prefill_step
+        self._dynamic_prefill = compile and compile_prefill
         if compile:
             if mode is None and self.device.type == "cuda":
                 mode = "reduce-overhead"
             self._decode = torch.compile(self._decode_step, fullgraph=True, mode=mode)
-            self._prefill = torch.compile(self._prefill_step, fullgraph=True, dynamic=True)
+            if compile_prefill:
+                self._prefill = torch.compile(self._prefill_step, fullgraph=True, dynamic=True)
 
     # Two functions, not one: Dynamo caches compiled graphs per function, so the decode graph (s = 1) and the
     # dynamic-length prefill graph each have their own cache and neither counts as the other's recompile.
     # Every engine adds one entry to each (the guards are on this engine's model and cache): with more than
     # ``torch._dynamo.config.recompile_limit`` (8) engines in one process, raise it (benchmarks/decode.py does).
     def _decode_step(self, tokens_b1: torch.Tensor, input_pos_1: torch.Tensor) -> torch.Tensor:
-        return self.model(tokens_b1, self.cache.at(input_pos_1))[:, -1]
+        return self.model(tokens_b1, self.cache.at(input_pos_1), gather_logits=not self.vocab_parallel)[:, -1]
 
     def _prefill_step(self, tokens_bs: torch.Tensor, input_pos_s: torch.Tensor) -> torch.Tensor:
-        return self.model(tokens_bs, self.cache.at(input_pos_s))[:, -1]
+        return self.model(tokens_bs, self.cache.at(input_pos_s), gather_logits=not self.vocab_parallel)[:, -1]
 
     # ------------------------------------------------------------------ the two steps
     @torch.no_grad()
     def prefill(self, tokens_bs: torch.Tensor) -> torch.Tensor:
-        """Write the prompt (b, s) into the cache from position 0; last-position logits (b, v)."""
+        """Write the prompt (b, s) into the cache from position 0; last-position logits (b, v) (a vocab shard)."""
         s = tokens_bs.shape[1]
         input_pos = torch.arange(s, device=self.device)
-        if self.compiled and s > 1:
+        if self._dynamic_prefill and s > 1:
             torch._dynamo.mark_dynamic(tokens_bs, 1)  # one graph for every prompt length
             torch._dynamo.mark_dynamic(input_pos, 0)
         # A one-token prompt would specialise the dynamic graph to s=1: it is a decode step at position 0.
@@ -126,8 +156,14 @@ class DecodeEngine:
 
     @torch.no_grad()
     def decode(self, tokens_b1: torch.Tensor, input_pos_1: torch.Tensor) -> torch.Tensor:
-        """One token per sequence (b, 1) at position ``input_pos_1`` (1,); logits (b, v)."""
+        """One token per sequence (b, 1) at position ``input_pos_1`` (1,); logits (b, v) (a vocab shard)."""
         return self._decode(tokens_b1, input_pos_1)
+
+    def pick(self, logits_bv: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, generator=None):
+        """Next tokens (b,) from what ``prefill`` / ``decode`` returned (``sample``, or its vocab-parallel form)."""
+        if self.vocab_parallel:
+            return vocab_parallel_sample(logits_bv, self.model.comm, temperature, top_k, generator)
+        return sample(logits_bv, temperature, top_k, generator)
 
     # ------------------------------------------------------------------ the loop
     def _agree(self, tokens_b: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -189,7 +225,7 @@ class DecodeEngine:
         done_b = torch.zeros(self.batch, dtype=torch.bool, device=self.device)
         out: list[torch.Tensor] = []
         while True:
-            tokens_b = self._agree(sample(logits_bv, temperature, top_k, generator), temperature)
+            tokens_b = self._agree(self.pick(logits_bv, temperature, top_k, generator), temperature)
             if eos_id is not None:
                 tokens_b = tokens_b.masked_fill(done_b, eos_id)
                 done_b = done_b | (tokens_b == eos_id)

@@ -12,7 +12,8 @@ Calls (shapes: l lanes held here, b batch, s sequence, d lane width, h model wid
   lane_reduce(x_bsd)            blocking   sum over the lane ranks of per-rank partial sums (Parallel Track merge)
   lane_gather(x_bsf)            blocking   concatenate the merged slices of the lanes of all ranks -> x_bsh
   lane_sum_start(x_lbsd)        async      start summing a lane state over *all* lanes; .wait() -> x_bsd
-  vocab_gather(logits_bsv)      blocking   only for a vocab-parallel head
+  vocab_gather(x_bsf)           blocking   a vocab-parallel head: concatenate the ranks' logit shards (or the
+                                         few candidates each rank proposes for the next token)
 """
 
 from __future__ import annotations
@@ -106,6 +107,8 @@ class Communicator:
 
     def vocab_gather(self, logits: torch.Tensor) -> torch.Tensor:
         self.counter.add("vocab_gather", blocking=True)
+        if not self.enabled:  # keep shapes (and the shard-major layout) right: every rank's part is this one's
+            return logits.repeat(*([1] * (logits.dim() - 1)), self.lane_world)
         return self._vocab_gather(logits)
 
     # ------------------------------------------------------------------ single-process implementation

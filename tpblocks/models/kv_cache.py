@@ -89,7 +89,7 @@ class StaticKVCache:
         return CacheAt(self, input_pos)
 
     def reset(self) -> None:
-        """Forget every written position (only for clarity: the mask already hides what a new prompt has not written)."""
+        """Forget every written position (for clarity only: the mask hides what a new prompt has not written)."""
         for t in self._k + self._v:
             t.zero_()
 

@@ -85,12 +85,25 @@ class TransformerLM(nn.Module):
                 nn.init.normal_(p, 0.0, std)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, tokens_bs: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Logits (b, s, vocab). With a cache, ``tokens_bs`` are the next s tokens after ``cache.pos``."""
+    @property
+    def vocab_parallel(self) -> bool:
+        """True when the head holds a vocabulary shard (``shard_model(..., vocab_parallel_head=True)``)."""
+        return self.output.weight.shape[0] != self.cfg.vocab_size
+
+    def forward(
+        self, tokens_bs: torch.Tensor, cache: KVCache | None = None, gather_logits: bool = True
+    ) -> torch.Tensor:
+        """Logits (b, s, vocab). With a cache, ``tokens_bs`` are the next s tokens after ``cache.pos``.
+
+        A vocabulary-parallel head's logits are gathered over the lane group (one blocking sync) unless
+        ``gather_logits=False``: then this rank's shard (b, s, vocab / G) is returned.
+        """
         x_bsh = self.tok_embeddings(tokens_bs)
         for stage in self.stages:
             x_bsh = stage(x_bsh, self.comm, cache)
         logits = self.output(self.norm(x_bsh))
+        if gather_logits and self.vocab_parallel:
+            logits = self.comm.vocab_gather(logits)
         if cache is not None:
             cache.advance(tokens_bs.shape[1])
         return logits

@@ -13,6 +13,7 @@ from .comm import MeshComm
 from .dims import ParallelDims, check_lane_degree
 from .dist import all_reduce_gradients, destroy_distributed, init_distributed, local_device
 from .placement import clip_grad_norm_, kv_heads_for_rank, local_slice, shard_model, unshard_state_dict
+from .vocab_parallel import vocab_parallel_cross_entropy
 
 __all__ = [
     "CollectiveAudit",
@@ -29,4 +30,5 @@ __all__ = [
     "local_slice",
     "shard_model",
     "unshard_state_dict",
+    "vocab_parallel_cross_entropy",
 ]

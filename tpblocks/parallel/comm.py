@@ -42,9 +42,13 @@ def all_reduce_now(x: torch.Tensor, group) -> torch.Tensor:
     return funcol.wait_tensor(all_reduce_start(x, group))
 
 
+# torch 2.13 renamed all_gather_tensor (deprecated there); the CUDA path must also run on torch 2.11.
+_all_gather_dim0 = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+
+
 def all_gather_last_dim(x: torch.Tensor, group, world: int) -> torch.Tensor:
     """Concatenate ``x`` of every rank (in rank order) along the last dim."""
-    stacked = funcol.wait_tensor(funcol.all_gather_tensor(x.contiguous(), 0, group))  # (world * d0, ...)
+    stacked = funcol.wait_tensor(_all_gather_dim0(x.contiguous(), 0, group))  # (world * d0, ...)
     parts = stacked.view(world, *x.shape)
     return parts.movedim(0, -2).reshape(*x.shape[:-1], world * x.shape[-1])
 

@@ -12,7 +12,12 @@
   G and otherwise replicated: each rank keeps the KV heads its query heads use (Table 2's ceil(n_kv / G)).
   Replicated KV weights get a gradient hook that sums their gradient over the lane group (each rank only
   back-propagated through its own query heads).
-* Embedding, final norm and head stay replicated.
+* Embedding and final norm stay replicated. The head too, unless ``vocab_parallel_head=True``: then each rank
+  keeps vocabulary rows ``[r * V/G, (r + 1) * V/G)`` of the output projection (Megatron's vocab-parallel head)
+  and reads 1/G of its bytes per token; the model gathers the logits (``comm.vocab_gather``) unless the caller
+  picks tokens from the shards (``tpblocks.infer.engine.vocab_parallel_sample``) or computes the loss on them
+  (``vocab_parallel_cross_entropy``). A tied embedding keeps its full weight (one row is read per token) and the
+  head becomes its own slice of it.
 * Backward: ``comm.tp_enter`` (identity forward, all-reduce backward) is attached as a forward pre-hook to every
   TP block and to the attention / FFN of every classic layer: their input is replicated but each rank only
   back-propagates its own lanes / shards through it.
@@ -169,11 +174,28 @@ def _tp_enter_hook(model_ref: weakref.ref):
     return hook
 
 
-def shard_model(model: TransformerLM, comm: Communicator) -> TransformerLM:
+def _shard_head(model: TransformerLM, rank: int, world: int, spec: ShardSpec) -> None:
+    """Vocabulary rows ``[r V/G, (r+1) V/G)`` of the output projection (module doc); f at its input.
+
+    The head reads the replicated final hidden state but each rank back-propagates only its vocabulary rows
+    through it, so the gradient of that state is all-reduced (``comm.tp_enter``), as for any column shard.
+    """
+    vocab = model.cfg.vocab_size
+    if vocab % world:
+        raise ValueError(f"vocab_parallel_head: vocab_size={vocab} must be a multiple of the lane degree {world}")
+    rows = torch.arange(rank * vocab // world, (rank + 1) * vocab // world)
+    model.output.weight = _take(model.output.weight, 0, rows)  # unties a tied head: it gets its own slice
+    model.output.out_features = rows.numel()
+    model.output.register_forward_pre_hook(_tp_enter_hook(weakref.ref(model)))
+    spec["output.weight"] = (0, rows)
+
+
+def shard_model(model: TransformerLM, comm: Communicator, *, vocab_parallel_head: bool = False) -> TransformerLM:
     """Keep this rank's lanes / shards of a full model (in place) and attach ``comm``. Returns the model.
 
     Start from the *same* full weights on every rank of the lane group (same seed or the same checkpoint):
-    each rank slices its share, so the sharded forward equals the single-process one.
+    each rank slices its share, so the sharded forward equals the single-process one. ``vocab_parallel_head``
+    also splits the output projection by vocabulary rows (module doc).
     """
     if getattr(model, "shard_spec", None) is not None:
         raise ValueError("this model is already sharded; shard a fresh full model")
@@ -200,6 +222,8 @@ def shard_model(model: TransformerLM, comm: Communicator) -> TransformerLM:
                 stage.ffn.register_forward_pre_hook(_tp_enter_hook(model_ref))
             else:  # pragma: no cover - the model only builds these two stage types
                 raise TypeError(f"cannot place stage {prefix} of type {type(stage).__name__}")
+        if vocab_parallel_head:
+            _shard_head(model, rank, world, spec)
     model.shard_spec = spec
     model.shard_copies = copies
     model.comm = comm
