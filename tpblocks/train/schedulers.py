@@ -67,8 +67,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedulerConfig, max_
     return LambdaLR(optimizer, factor)
 
 
-def load_scheduler_state(scheduler: LambdaLR, state: dict, max_steps: int) -> None:
-    """Restore ``state`` into ``scheduler`` for a run now set to ``max_steps`` updates (see module docstring)."""
+def load_scheduler_state(scheduler: LambdaLR, state: dict, max_steps: int) -> int:
+    """Restore ``state`` into ``scheduler`` for a run now set to ``max_steps`` updates (see module docstring).
+    Returns the checkpoint's ``max_steps`` (the horizon it was trained for)."""
     factor: ScheduleFactor = scheduler.lr_lambdas[0]
     new_name = factor.name
     scheduler.load_state_dict(state)  # overwrites the factor's __dict__ with the saved one
@@ -80,14 +81,14 @@ def load_scheduler_state(scheduler: LambdaLR, state: dict, max_steps: int) -> No
             f"scheduler={saved.name}"
         )
     if saved.max_steps == max_steps:
-        return
+        return max_steps
     if saved.name != "wsd":
         raise ValueError(
             f"train.max_steps={max_steps} differs from the checkpoint's {saved.max_steps}, and a cosine schedule "
             f"cannot be stretched mid-cycle; keep train.max_steps={saved.max_steps} (or train with scheduler=wsd, "
             f"whose stable phase can be extended)"
         )
-    old_start = saved.decay_start
+    old_start, old_max = saved.decay_start, saved.max_steps
     saved.max_steps = max_steps
     if done > old_start or done > saved.decay_start:
         raise ValueError(
@@ -95,3 +96,4 @@ def load_scheduler_state(scheduler: LambdaLR, state: dict, max_steps: int) -> No
             f"the stable phase (old decay start {old_start}, new decay start {saved.decay_start}); extend from a "
             f"checkpoint taken before the decay"
         )
+    return old_max

@@ -52,7 +52,7 @@ from .distributed import (
     layout_for,
 )
 from .metrics import MetricsWriter, init_wandb, write_json
-from .optim import build_optimizer
+from .optim import apply_resumed_hyperparameters, build_optimizer
 from .schedulers import build_scheduler, load_scheduler_state
 
 
@@ -179,7 +179,7 @@ class Trainer:
     def _maybe_resume(self) -> None:
         cfg, env = self.cfg, self.env
         # Every rank resolves (a bad train.resume then fails on every rank with the same message, not only on 0).
-        path = ckpt_io.resolve_resume(cfg.train.resume, self.run_dir)
+        path = ckpt_io.resolve_resume(cfg.train.resume, self.run_dir, warn=lambda m: _say(env, m))
         path = broadcast_object(str(path) if path is not None else None)  # rank 0's choice wins if they differ
         self.resumed_from = None
         if path is None:
@@ -200,6 +200,7 @@ class Trainer:
                 f"holds the full model for any layout: start a new run from it instead)"
             )
         payload = ckpt_io.load_model_state(path)
+        _check_same_model(payload.get("model_config"), cfg.model, path)
         if self.layout.mode == "lane":  # the full state, then this rank's share of it
             from tpblocks.parallel import local_slice
 
@@ -210,7 +211,11 @@ class Trainer:
             self.model.load_state_dict(payload["model"])
             optim_state = state["optimizer"]
         self.backend.load_optimizer_state(optim_state, path)
-        load_scheduler_state(self.scheduler, state["scheduler"], cfg.train.max_steps)
+        horizon = load_scheduler_state(self.scheduler, state["scheduler"], cfg.train.max_steps)
+        if horizon != cfg.train.max_steps:
+            _say(env, f"resume: train.max_steps {horizon} -> {cfg.train.max_steps} (WSD decay moved to the new end)")
+        for change in apply_resumed_hyperparameters(self.optimizer, self.scheduler, cfg.optim):
+            _say(env, f"resume: {change} (takes effect from step {int(state['step']) + 1})")
         self.loader.load_state_dict(state["loader"][0])  # the global cursor, the same on every rank
         if env.rank < len(state["rng"]):
             ckpt_io.set_rng_state(state["rng"][env.rank])
@@ -431,6 +436,20 @@ class Trainer:
             "parallel": {"dp": self.layout.dp, "lane": self.layout.lane} if self.layout else None,
             "layer_parallel": self.cfg.layer_parallel.enabled,
         }
+
+
+def _check_same_model(saved: dict | None, model: Any, path: Path) -> None:
+    """The checkpoint's weights fit only the architecture that wrote them: name what differs instead of letting
+    ``load_state_dict`` fail with a list of tensor names."""
+    if not isinstance(saved, dict):
+        return
+    mine = {k: v for k, v in model.to_dict().items() if k != "extra"}
+    differ = [f"{k}={saved.get(k)!r} (now {v!r})" for k, v in mine.items() if k in saved and saved[k] != v]
+    if differ:
+        raise ValueError(
+            f"checkpoint {path} holds another model: {', '.join(differ)}; the architecture cannot change on "
+            f"resume: restore those model settings, or train.resume=none (or another run_dir) to start afresh"
+        )
 
 
 def _fmt(x: float | None) -> str:
