@@ -35,6 +35,10 @@ class DataError(ValueError):
     """Bad data or an unreachable data source, with a message saying what to do."""
 
 
+class NoDocumentsError(DataError):
+    """A pass over the source yielded no usable text (``DocStats.why_nothing`` says why)."""
+
+
 class HubUnavailableError(DataError):
     """The Hugging Face hub could not be reached (offline mode or no network)."""
 
@@ -51,6 +55,19 @@ class DocStats:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def why_nothing(self) -> str:
+        """Why a pass yielded no usable document (for "not enough data" messages); "" when some were usable."""
+        if self.docs_used:
+            return ""
+        if self.skipped_invalid:
+            return (
+                f"; all {self.docs_read} documents read were invalid or empty ({self.skipped_invalid} invalid), "
+                f"the first invalid: {self.first_invalid}"
+            )
+        if self.docs_read:
+            return f"; all {self.docs_read} documents read were empty"
+        return "; the source holds no documents"
 
 
 # ----------------------------------------------------------------------------------------------------- local

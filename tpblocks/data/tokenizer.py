@@ -19,7 +19,7 @@ from pathlib import Path
 import sentencepiece as spm
 from tqdm.auto import tqdm
 
-from tpblocks.data.sources import DataError
+from tpblocks.data.sources import DataError, NoDocumentsError
 from tpblocks.integrity import file_sha256
 
 TRAINER_VERSION = 1  # bump when the training options below change, so cached tokenizers rebuild
@@ -96,7 +96,7 @@ def train_tokenizer(
     try:
         sentences = list(_sentences(documents, max_bytes))
         if not sentences:
-            raise DataError("no text to train a tokenizer on: every document was empty or skipped")
+            raise NoDocumentsError("no text to train a tokenizer on: every document was empty or skipped")
         try:
             spm.SentencePieceTrainer.train(
                 sentence_iterator=iter(sentences),
