@@ -130,7 +130,7 @@ class TrainerConfig:
     backend: str = "ddp"
     device: str = "auto"
     zero_stage: int = 1  # deepspeed only
-    dist_timeout_s: int = 1800
+    dist_timeout_s: int = 600  # s; a stalled rank surfaces (named) after this, see tpblocks/train/faults.py
     # On CPU: "retain" keeps freed memory in the process (no page faults on every step's activations,
     # tpblocks/train/cpu_allocator.py); "system" leaves glibc's defaults.
     cpu_allocator: str = "retain"

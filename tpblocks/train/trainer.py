@@ -51,6 +51,7 @@ from .distributed import (
     init_distributed,
     layout_for,
 )
+from .faults import Heartbeat, die_with_parent, is_timeout
 from .metrics import MetricsWriter, init_wandb, write_json
 from .optim import apply_resumed_hyperparameters, build_optimizer
 from .schedulers import build_scheduler, load_scheduler_state
@@ -321,7 +322,12 @@ class Trainer:
         if self.backend.name == "ddp" and not math.isfinite(grad_norm):
             raise TrainingDiverged(f"gradient norm is {grad_norm} at step {step} (loss {train_loss:.4f})")
         lr = self.scheduler.get_last_lr()[0]  # the lr this update uses
-        self.backend.apply()
+        try:
+            self.backend.apply()
+        except RuntimeError as err:  # e.g. lr=1e300: the step size does not fit the parameters' dtype
+            if "overflow" not in str(err):
+                raise
+            raise TrainingDiverged(f"the optimizer update overflowed at step {step} (lr {lr:g}): {err}") from err
         if self.backend.name == "deepspeed":
             grad_norm = self.backend.grad_norm_after_step()
         self.scheduler.step()
@@ -358,7 +364,9 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
         cfg = self.cfg
+        die_with_parent()
         self.env = env = init_distributed(cfg.trainer.device, cfg.trainer.dist_timeout_s)
+        self.heartbeat = beat = Heartbeat()
         on_cpu = env.device.type == "cpu"
         self.cpu_memory_retained = on_cpu and cfg.trainer.cpu_allocator == "retain" and retain_freed_memory()
         self.run_dir = Path(cfg.run_dir).resolve()
@@ -375,9 +383,11 @@ class Trainer:
             bar = _progress(env, cfg, self.step)
             train = cfg.train
             while self.step < train.max_steps:
+                beat.update("train", self.step + 1)
                 record = self.train_step()
                 step = record["step"]
                 if train.eval_every and (step == 1 or step % train.eval_every == 0 or step == train.max_steps):
+                    beat.update("eval", step)
                     record["eval_loss"] = self.last_eval_loss = self.evaluate()
                 if writer is not None and (step % train.log_every == 0 or "eval_loss" in record):
                     writer.log(record)
@@ -385,6 +395,7 @@ class Trainer:
                     bar.update(1)
                     bar.set_postfix(loss=f"{record['train_loss']:.3f}", lr=f"{record['lr']:.2e}", refresh=False)
                 if (train.checkpoint_every and step % train.checkpoint_every == 0) or step == train.max_steps:
+                    beat.update("checkpoint", step)
                     self.save_checkpoint()
             status = "completed"
         except TrainingDiverged as err:
@@ -393,9 +404,14 @@ class Trainer:
             error += f"; last good checkpoint: {last}" if last else "; no checkpoint had been written yet"
             _say(env, f"DIVERGED: {error}")
         except BaseException as err:  # summary.json is written on any failure, then the error propagates
+            if is_timeout(err):  # a peer stalled: say which one rather than only "timed out"
+                stalled = beat.diagnose(cfg.trainer.dist_timeout_s)
+                error = str(stalled)
+                raise stalled from err
             error = f"{type(err).__name__}: {err}"
             raise
         finally:
+            beat.stop()
             if bar is not None:
                 bar.close()
             if writer is not None:
