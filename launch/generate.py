@@ -15,8 +15,11 @@ Arguments (key=value):
 
 from __future__ import annotations
 
+import dataclasses
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -24,14 +27,40 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # runnable from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO))
 
-DEFAULTS = dict(
-    checkpoint=None, prompt=None, prompt_ids=None, tokenizer=None, max_new_tokens=32, temperature=0.0, top_k=None,
-    seed=0, eos=True,
-)  # fmt: skip
+from tpblocks.typed import check_fields, require  # noqa: E402 - after the path set-up above
 
 
 class UsageError(ValueError):
     pass
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerateArgs:
+    """The command line, typed (tpblocks.typed: ``top_k=2.5``, ``eos=maybe``, ``max_new_tokens=2.7`` are refused)."""
+
+    checkpoint: str | None = None
+    prompt: str | None = None
+    prompt_ids: Any = None  # a token id or a flat list of them (checked below)
+    tokenizer: str | None = None
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_k: int | None = None
+    seed: int = 0
+    eos: bool = True
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        require(self.max_new_tokens >= 0, f"max_new_tokens={self.max_new_tokens} must be >= 0")
+        require(self.temperature >= 0, f"temperature={self.temperature} must be >= 0 (0 = greedy)")
+        require(self.top_k is None or self.top_k >= 1, f"top_k={self.top_k} must be >= 1 or null (no cut)")
+        ids = self.prompt_ids if isinstance(self.prompt_ids, list) else [self.prompt_ids]
+        require(
+            self.prompt_ids is None or all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids),
+            f"prompt_ids={self.prompt_ids!r} must be a token id or a flat list of them, e.g. prompt_ids=[1,2,3]",
+        )
+
+
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(GenerateArgs)}
 
 
 def parse_args(argv: list[str]) -> dict:
@@ -52,7 +81,10 @@ def parse_args(argv: list[str]) -> dict:
         raise UsageError("checkpoint=<run dir | checkpoint dir | model.pt> is required")
     if (args["prompt"] is None) == (args["prompt_ids"] is None):
         raise UsageError('give exactly one of prompt="text" or prompt_ids=[...]')
-    return args
+    try:
+        return dataclasses.asdict(GenerateArgs(**args))
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, Path | None]:

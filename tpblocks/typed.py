@@ -47,7 +47,7 @@ def _describe(tp: Any) -> str:
     if origin in (Union, types.UnionType):
         inner = [a for a in typing.get_args(tp) if a is not type(None)]
         return " or ".join(_describe(a) for a in inner) + " or null"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping"}.get(
+    return {int: "an integer", float: "a finite number", bool: "true or false", str: "a string", dict: "a mapping"}.get(
         tp, "a list" if origin is tuple else getattr(tp, "__name__", str(tp))
     )
 
