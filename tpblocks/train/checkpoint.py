@@ -91,7 +91,7 @@ def write_files(tmp: Path, model_payload: dict, trainer_state: dict) -> None:
 def publish(run_dir: str | os.PathLike, step: int, keep: int) -> Path:
     """Rename the temp directory to its final name, point ``latest`` at it, delete all but ``keep`` newest."""
     root = checkpoint_root(run_dir)
-    _write_manifest(tmp_dir(run_dir, step), step)
+    write_manifest(tmp_dir(run_dir, step), step)
     final = root / step_dir_name(step)
     if final.exists():  # a resumed run re-reaching a saved step: replace it with the identical new one
         shutil.rmtree(final)
@@ -104,9 +104,11 @@ def publish(run_dir: str | os.PathLike, step: int, keep: int) -> Path:
     return final
 
 
-def _write_manifest(tmp: Path, step: int) -> None:
-    """Checksums of every file of the assembled checkpoint (all ranks' files are in ``tmp`` by now)."""
+def write_manifest(tmp: Path, step: int) -> None:
+    """Checksums of every file of the assembled checkpoint (all ranks' files are in ``tmp`` by now). Also for a
+    tool that edits a published checkpoint on purpose: re-sign it, or resuming from it is refused."""
     names = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+    names = [n for n in names if n != MANIFEST]  # re-signing: the old manifest is not part of the checkpoint
     manifest = {"format": "tpblocks-checkpoint", "step": step, "files": checksum_listing(tmp, names)}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
 
