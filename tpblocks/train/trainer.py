@@ -262,6 +262,7 @@ class Trainer:
         barrier()
         tmp = ckpt_io.tmp_dir(self.run_dir, self.step)
         self.backend.save_extra(tmp)
+        barrier()  # every rank's DeepSpeed files are in tmp before rank 0 checksums and publishes them
         rngs = gather_objects(ckpt_io.rng_state())
         loaders = [self.loader.state_dict()]  # one global cursor (tpblocks/data/loader.py)
         lane_mode = self.layout.mode == "lane"
