@@ -12,17 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-from test_train_support import (
-    REPO,
-    child_env,
-    compose,
-    launch_cmd,
-    one_thread,
-    read_metrics,
-    read_summary,
-    tiny_data,
-    tiny_overrides,
-)
+import test_train_support as support
+from test_train_support import one_thread, tiny_data
 
 from tpblocks.train import checkpoint as ckpt_io
 from tpblocks.train import run
@@ -39,11 +30,11 @@ def _threads(one_thread):
 
 
 def _run(tiny_data, run_dir, **extra) -> dict:
-    return run(compose(tiny_overrides(tiny_data, run_dir, **extra)))
+    return run(support.compose(support.tiny_overrides(tiny_data, run_dir, **extra)))
 
 
 def _curve(run_dir) -> list[tuple]:
-    return [tuple(r.get(k) for k in KEYS) for r in read_metrics(run_dir)]
+    return [tuple(r.get(k) for k in KEYS) for r in support.read_metrics(run_dir)]
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +144,7 @@ def test_resume_applies_and_logs_a_new_learning_rate(tiny_data, reference, tmp_p
     capsys.readouterr()
     assert _run(tiny_data, run_dir, **SHORT, **{"optim.lr": 1.5e-3})["status"] == "completed"
     assert "resume: optim.lr: 0.003 -> 0.0015 (takes effect from step 5)" in capsys.readouterr().err
-    ref, got = read_metrics(reference), read_metrics(run_dir)
+    ref, got = support.read_metrics(reference), support.read_metrics(run_dir)
     for old, new in zip(ref[4:], got[4:]):  # the same schedule shape, half the peak
         assert new["lr"] == pytest.approx(old["lr"] / 2, rel=1e-12)
     assert "lr: 0.0015" in (run_dir / "config.yaml").read_text()  # config.yaml records what ran
@@ -165,7 +156,7 @@ def test_corrupted_shard_body_is_refused_before_training(tiny_data, reference, t
     from tpblocks.data import prepare_data
     from tpblocks.data.shards import HEADER_BYTES
 
-    cfg = RunConfig.from_dictconfig(compose(tiny_overrides(tiny_data, tmp_path / "unused"))).data
+    cfg = RunConfig.from_dictconfig(support.compose(support.tiny_overrides(tiny_data, tmp_path / "unused"))).data
     shards = tmp_path / "shards"
     shutil.copytree(prepare_data(cfg).directory, shards)
     train0 = shards / "train_000000.bin"
@@ -187,13 +178,13 @@ def test_a_stopped_rank_is_named_within_the_timeout(tiny_data, tmp_path):
     run_dir = tmp_path / "run"
     extra = {"train.max_steps": 2000, "train.checkpoint_every": 0, "train.eval_every": 0, "trainer.dist_timeout_s": 10}
     proc = subprocess.Popen(
-        launch_cmd(tiny_overrides(tiny_data, run_dir, **extra), nproc=2), cwd=REPO, env=child_env(),
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        support.launch_cmd(support.tiny_overrides(tiny_data, run_dir, **extra), nproc=2), cwd=support.REPO,
+        env=support.child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 200
         while time.monotonic() < deadline and proc.poll() is None:
-            if (run_dir / "metrics.jsonl").exists() and len(read_metrics(run_dir)) >= 3:
+            if (run_dir / "metrics.jsonl").exists() and len(support.read_metrics(run_dir)) >= 3:
                 break
             time.sleep(0.2)
         workers = _workers_of(run_dir)
@@ -206,7 +197,7 @@ def test_a_stopped_rank_is_named_within_the_timeout(tiny_data, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode != 0 and time.monotonic() - stopped < 90
     assert "error: rank 0: a collective timed out after trainer.dist_timeout_s=10 s: rank(s) [1] stalled" in stderr
-    assert read_summary(run_dir)["status"] == "failed"
+    assert support.read_summary(run_dir)["status"] == "failed"
     time.sleep(1)
     assert _workers_of(run_dir) == {}
 
