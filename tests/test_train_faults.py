@@ -126,14 +126,25 @@ def test_load_model_on_damaged_or_foreign_files_is_one_line(reference, tmp_path)
         load_model(foreign)
 
 
-def test_resume_refuses_another_architecture(tiny_data, reference, tmp_path):
+FIXED_ON_RESUME = {
+    "comm_reception": (
+        {"+model.overrides.comm_reception": "sum"},
+        r"holds another model: comm_reception='gated' \(now",
+    ),
+    "lane_depth": ({"+model.overrides.lane_depth": 3}, r"lane_depth=2 \(now 3\).*the architecture cannot change"),
+    "min_lr_ratio": ({"scheduler.min_lr_ratio": 0.1}, r"scheduler.min_lr_ratio=0.1 differs from the checkpoint's 0.0"),
+    "warmup": ({"scheduler.warmup_fraction": 0.5}, r"scheduler.warmup_fraction gives 4 warm-up steps .* with 1"),
+    "cosine horizon": ({"train.max_steps": 12}, r"a cosine schedule cannot be stretched"),
+}
+
+
+@pytest.mark.parametrize("what", sorted(FIXED_ON_RESUME))
+def test_resume_refuses_what_it_cannot_honour(tiny_data, reference, tmp_path, what):
     run_dir = tmp_path / "run"
     shutil.copytree(reference, run_dir)
-    other = {**SHORT, "+model.overrides.comm_reception": "sum"}
-    with pytest.raises(ValueError, match=r"holds another model: comm_reception='gated' \(now 'sum'\)"):
-        _run(tiny_data, run_dir, **other)
-    with pytest.raises(ValueError, match=r"holds another model: .*lane_depth=2 \(now 3\).*cannot change on resume"):
-        _run(tiny_data, run_dir, **{**SHORT, "+model.overrides.lane_depth": 3})
+    change, pattern = FIXED_ON_RESUME[what]
+    with pytest.raises(ValueError, match=pattern):
+        _run(tiny_data, run_dir, **{**SHORT, **change})
 
 
 def test_resume_applies_and_logs_a_new_learning_rate(tiny_data, reference, tmp_path, capsys):
@@ -216,3 +227,14 @@ def _workers_of(run_dir: Path) -> dict[int, int]:
         if str(run_dir).encode() in cmdline and b"TORCHELASTIC_RUN_ID" in environ and b"RANK" in environ:
             found[int(environ[b"RANK"])] = int(pid)
     return found
+
+
+def test_resume_extends_a_wsd_horizon_and_says_so(tiny_data, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    wsd = {**SHORT, "scheduler": "wsd", "train.checkpoint_every": 4}
+    assert _run(tiny_data, run_dir, **wsd)["status"] == "completed"
+    shutil.rmtree(ckpt_io.checkpoint_root(run_dir) / "step_00000008")  # keep step 4: before the decay (step 6)
+    (ckpt_io.checkpoint_root(run_dir) / "latest").unlink()
+    capsys.readouterr()
+    assert _run(tiny_data, run_dir, **{**wsd, "train.max_steps": 12})["step"] == 12
+    assert "resume: train.max_steps 8 -> 12 (WSD decay moved to the new end)" in capsys.readouterr().err

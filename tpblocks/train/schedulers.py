@@ -71,14 +71,26 @@ def load_scheduler_state(scheduler: LambdaLR, state: dict, max_steps: int) -> in
     """Restore ``state`` into ``scheduler`` for a run now set to ``max_steps`` updates (see module docstring).
     Returns the checkpoint's ``max_steps`` (the horizon it was trained for)."""
     factor: ScheduleFactor = scheduler.lr_lambdas[0]
-    new_name = factor.name
+    wanted = dict(vars(factor))
     scheduler.load_state_dict(state)  # overwrites the factor's __dict__ with the saved one
     saved: ScheduleFactor = scheduler.lr_lambdas[0]
     done = int(state["last_epoch"])  # updates already taken
-    if saved.name != new_name:
+    if saved.name != wanted["name"]:
         raise ValueError(
-            f"scheduler.name={new_name!r} but the checkpoint was trained with {saved.name!r}; resume with "
+            f"scheduler.name={wanted['name']!r} but the checkpoint was trained with {saved.name!r}; resume with "
             f"scheduler={saved.name}"
+        )
+    # The schedule's shape is the checkpoint's: a changed shape would otherwise be silently overwritten by it.
+    for key, name in (("min_ratio", "min_lr_ratio"), ("decay_fraction", "decay_fraction")):
+        if getattr(saved, key) != wanted[key]:
+            raise ValueError(
+                f"scheduler.{name}={wanted[key]} differs from the checkpoint's {getattr(saved, key)}: the schedule "
+                f"cannot change on resume; set scheduler.{name}={getattr(saved, key)} (or start a new run)"
+            )
+    if saved.max_steps == max_steps and saved.warmup_steps != wanted["warmup_steps"]:
+        raise ValueError(
+            f"scheduler.warmup_fraction gives {wanted['warmup_steps']} warm-up steps but the checkpoint was trained "
+            f"with {saved.warmup_steps}: the schedule cannot change on resume; restore scheduler.warmup_fraction"
         )
     if saved.max_steps == max_steps:
         return max_steps
