@@ -21,8 +21,11 @@ Tokens are streamed as they come (rank 0, first sequence); the decode speed is p
 
 from __future__ import annotations
 
+import dataclasses
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import yaml
 
@@ -30,14 +33,45 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # runnable from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO))
 
-DEFAULTS = dict(
-    checkpoint=None, prompt=None, prompt_ids=None, tokenizer=None, max_new_tokens=32, temperature=0.0, top_k=None,
-    seed=0, eos=True, compile=False, dtype="fp32", batch=1, vocab_parallel=False,
-)  # fmt: skip
+from tpblocks.typed import check_fields, require  # noqa: E402 - after the path set-up above
 
 
 class UsageError(ValueError):
     pass
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerateArgs:
+    """The command line, typed (tpblocks.typed: ``top_k=2.5``, ``eos=maybe``, ``max_new_tokens=2.7`` are refused)."""
+
+    checkpoint: str | None = None
+    prompt: str | None = None
+    prompt_ids: Any = None  # a token id or a flat list of them (checked below)
+    tokenizer: str | None = None
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_k: int | None = None
+    seed: int = 0
+    eos: bool = True
+    compile: bool = False
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    batch: int = 1
+    vocab_parallel: bool = False
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        require(self.batch >= 1, f"batch={self.batch} must be >= 1")
+        require(self.max_new_tokens >= 0, f"max_new_tokens={self.max_new_tokens} must be >= 0")
+        require(self.temperature >= 0, f"temperature={self.temperature} must be >= 0 (0 = greedy)")
+        require(self.top_k is None or self.top_k >= 1, f"top_k={self.top_k} must be >= 1 or null (no cut)")
+        ids = self.prompt_ids if isinstance(self.prompt_ids, list) else [self.prompt_ids]
+        require(
+            self.prompt_ids is None or all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids),
+            f"prompt_ids={self.prompt_ids!r} must be a token id or a flat list of them, e.g. prompt_ids=[1,2,3]",
+        )
+
+
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(GenerateArgs)}
 
 
 def parse_args(argv: list[str]) -> dict:
@@ -58,7 +92,10 @@ def parse_args(argv: list[str]) -> dict:
         raise UsageError("checkpoint=<run dir | checkpoint dir | model.pt> is required")
     if (args["prompt"] is None) == (args["prompt_ids"] is None):
         raise UsageError('give exactly one of prompt="text" or prompt_ids=[...]')
-    return args
+    try:
+        return dataclasses.asdict(GenerateArgs(**args))
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
@@ -188,9 +225,7 @@ def _decode(model, prompt_ids: list[int], args: dict, eos_id: int | None, stream
 
     from tpblocks.infer import DecodeEngine
 
-    batch, n = int(args["batch"]), int(args["max_new_tokens"])
-    if batch < 1:
-        raise ValueError(f"batch={batch} must be >= 1")
+    batch, n = args["batch"], args["max_new_tokens"]
     engine = DecodeEngine(model, batch=batch, max_seq_len=len(prompt_ids) + max(n, 1), dtype=args["dtype"],
                           compile=bool(args["compile"]))  # fmt: skip
     stamps: list[float] = []

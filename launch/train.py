@@ -18,12 +18,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     from tpblocks.train import run
+    from tpblocks.train.faults import RankStalled
 
     try:
         summary = run(cfg)
     except ValueError as err:  # configuration and data errors are the user's to fix: say what, not where
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except RankStalled as err:  # another rank's fault, named in the message: no stack trace of this one
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
     if summary["status"] != "completed":
         sys.exit(1)
 

@@ -194,9 +194,9 @@ def test_bad_paths_and_config_values():
         DataConfig(source="local")
     with pytest.raises(ValueError, match="needs data.tokenizer_path"):
         DataConfig(source="hub", tokenizer_path="???")
-    with pytest.raises(ValueError, match="not one of"):
+    with pytest.raises(ValueError, match="data.source=.s3. must be one of"):
         DataConfig(source="s3")
-    with pytest.raises(ValueError, match=r"unknown data config keys \['seqlen'\]"):
+    with pytest.raises(ValueError, match=r"data has unknown key\(s\) \['seqlen'\]"):
         DataConfig.from_dict({"seqlen": 5})
 
 

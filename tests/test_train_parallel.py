@@ -153,6 +153,7 @@ def test_resume_restores_the_mgrit_monitor(tiny_data, tmp_path):
     assert (monitor["fwd_iters"], monitor["serial"]) == (2, False)  # the configured iterations, saved
     monitor.update(fwd_iters=3, bwd_iters=3, events=[{"step": 3, "action": "add_iters"}])  # as if it had escalated
     torch.save(state, checkpoint / "trainer.pt")
+    ckpt_io.write_manifest(checkpoint, 3)  # an edit on purpose: re-sign it, or the resume refuses it as damaged
 
     resumed = tmp_path / "resumed"
     run(compose(tiny_overrides(tiny_data, resumed, **EXTRA, **LLAMA, **lp, **{"train.resume": str(checkpoint)})))

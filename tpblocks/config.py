@@ -19,7 +19,6 @@ Groups and the dataclass each becomes:
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +26,8 @@ from tpblocks.models import ModelConfig, get_flavor, solve_hidden_size
 from tpblocks.models.flavors import FLAVORS
 from tpblocks.parallel.dims import check_lane_degree
 from tpblocks.parallel.mgrit.config import MGRITConfig
+from tpblocks.typed import check_fields, check_known, from_mapping
+from tpblocks.typed import require as _require
 
 PRECISIONS = ("auto", "bf16", "fp32")
 SCHEDULERS = ("cosine", "wsd")
@@ -34,11 +35,6 @@ BACKENDS = ("ddp", "deepspeed")
 WANDB_MODES = ("offline", "online", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
 CPU_ALLOCATORS = ("retain", "system")
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
 
 
 def _positive(section: str, obj: Any, *names: str) -> None:
@@ -57,11 +53,10 @@ class ModelChoice:
     budget: int | None = None
 
     def __post_init__(self) -> None:
+        check_fields(self, "model")
         known_flavors = ", ".join(sorted(FLAVORS))
         _require(self.flavor in FLAVORS, f"model.flavor={self.flavor!r} is unknown; known: {known_flavors}")
-        known = {f.name for f in dataclasses.fields(ModelConfig)}
-        unknown = sorted(set(self.overrides) - known)
-        _require(not unknown, f"model.overrides has unknown field(s) {unknown}; ModelConfig fields: {sorted(known)}")
+        check_known(ModelConfig, self.overrides, "model.overrides")
         _require(self.budget is None or self.budget > 0, f"model.budget={self.budget} must be a positive integer")
 
     def build(self) -> ModelConfig:
@@ -72,6 +67,8 @@ class ModelChoice:
                 cfg = solve_hidden_size(cfg, int(self.budget))
                 cfg = cfg.replace(extra={**cfg.extra, "budget": int(self.budget)})
         except ValueError as err:
+            if str(err).partition("=")[0] in self.overrides:  # the user's own override: name it as they wrote it
+                raise ValueError(f"model.overrides.{err}") from err
             raise ValueError(f"model (flavor={self.flavor!r}): {err}") from err
         return cfg
 
@@ -91,6 +88,7 @@ class OptimConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
 
     def __post_init__(self) -> None:
+        check_fields(self, "optim")
         _require(self.name == "adamw", f"optim.name={self.name!r} is unknown; only 'adamw' is implemented")
         _positive("optim", self, "lr", "eps")
         _require(self.weight_decay >= 0, f"optim.weight_decay={self.weight_decay} must be >= 0")
@@ -111,6 +109,7 @@ class SchedulerConfig:
     decay_fraction: float = 0.2  # wsd only: the last 20% of the steps decay linearly (Hägele et al. 2024)
 
     def __post_init__(self) -> None:
+        check_fields(self, "scheduler")
         _require(self.name in SCHEDULERS, f"scheduler.name={self.name!r} is unknown; choose one of {SCHEDULERS}")
         _require(0 <= self.warmup_fraction < 1, f"scheduler.warmup_fraction={self.warmup_fraction} must be in [0, 1)")
         _require(0 <= self.min_lr_ratio <= 1, f"scheduler.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
@@ -131,12 +130,13 @@ class TrainerConfig:
     backend: str = "ddp"
     device: str = "auto"
     zero_stage: int = 1  # deepspeed only
-    dist_timeout_s: int = 1800
+    dist_timeout_s: int = 600  # s; a stalled rank surfaces (named) after this, see tpblocks/train/faults.py
     # On CPU: "retain" keeps freed memory in the process (no page faults on every step's activations,
     # tpblocks/train/cpu_allocator.py); "system" leaves glibc's defaults.
     cpu_allocator: str = "retain"
 
     def __post_init__(self) -> None:
+        check_fields(self, "trainer")
         _require(
             self.cpu_allocator in CPU_ALLOCATORS,
             f"trainer.cpu_allocator={self.cpu_allocator!r} is unknown; choose one of {CPU_ALLOCATORS}",
@@ -171,6 +171,7 @@ class TrainConfig:
     progress: bool = True  # tqdm bar on rank 0
 
     def __post_init__(self) -> None:
+        check_fields(self, "train")
         _positive("train", self, "max_steps", "tokens_per_step", "micro_batch", "eval_tokens", "eval_batch")
         _positive("train", self, "log_every", "keep_checkpoints")
         for name in ("eval_every", "checkpoint_every"):
@@ -205,6 +206,7 @@ class WandbConfig:
     tags: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        check_fields(self, "wandb")
         _require(self.mode in WANDB_MODES, f"wandb.mode={self.mode!r} is unknown; choose one of {WANDB_MODES}")
 
 
@@ -218,8 +220,9 @@ class ParallelConfig:
     lane: int = 1
 
     def __post_init__(self) -> None:
+        check_fields(self, "parallel")
         _require(
-            isinstance(self.lane, int) and self.lane >= 1,
+            self.lane >= 1,
             f"parallel.lane={self.lane!r} must be an integer >= 1 (1 = every rank holds the whole model)",
         )
 
@@ -235,14 +238,10 @@ class ParallelConfig:
 
 
 # ---------------------------------------------------------------------------------------------------- run
-def _section(cls, values: dict | None, name: str):
-    values = dict(values or {})
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    _require(not unknown, f"{name} has unknown key(s) {unknown}; known keys: {sorted(known)}")
-    if "tags" in values and values["tags"] is not None:
-        values["tags"] = tuple(values["tags"])
-    return cls(**values)
+# Top-level keys of a composed config that are not RunConfig fields but are legitimately there: ``sweep`` is read
+# by launch/slurm/submit.py (conf/experiment/sweep_*.yaml), ``hydra`` by Hydra itself.
+_FOREIGN_TOP_KEYS = ("sweep", "hydra")
+_SECTIONS = ("model", "data", "optim", "scheduler", "trainer", "train", "wandb", "parallel", "layer_parallel")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -264,6 +263,7 @@ class RunConfig:
     name: str = "default"  # experiment name (summary.json "experiment", wandb run name)
 
     def __post_init__(self) -> None:
+        check_fields(self)
         _require(bool(self.run_dir), "run_dir must be a non-empty path")
         _require(self.seed >= 0, f"seed={self.seed} must be >= 0")
         seq_len = self.seq_len
@@ -321,24 +321,29 @@ class RunConfig:
         raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
         for key in ("model", "data"):
             _require(key in raw and raw[key] is not None, f"the config has no '{key}' group; add {key}=... ")
-        model_raw = dict(raw["model"])
-        model_raw["overrides"] = dict(model_raw.get("overrides") or {})
-        choice = _section(ModelChoice, model_raw, "model")
-        try:
-            data = _section(DataConfig, raw["data"], "data")
-        except TypeError as err:  # a DataConfig without kw_only checks
-            raise ValueError(f"data: {err}") from err
-        top = {k: raw[k] for k in ("seed", "run_dir", "name") if raw.get(k) is not None}
+        top_keys = ("seed", "run_dir", "name")
+        unknown = sorted(set(raw) - {*_SECTIONS, *top_keys, *_FOREIGN_TOP_KEYS})
+        _require(
+            not unknown,
+            f"the config has unknown top-level key(s) {unknown}; known: {sorted([*_SECTIONS, *top_keys])} "
+            f"(e.g. optim.lr=0.01, not +lr=0.01)",
+        )
+        model_raw = dict(raw["model"]) if isinstance(raw["model"], dict) else raw["model"]
+        if isinstance(model_raw, dict):
+            model_raw["overrides"] = model_raw.get("overrides") or {}
+        choice = from_mapping(ModelChoice, model_raw, "model")
+        top = {k: raw[k] for k in top_keys if k in raw}
+        data = from_mapping(DataConfig, raw["data"], "data")  # first: model sizes interpolate data.seq_len
         return cls(
             model=choice.build(),
             model_choice=choice,
             data=data,
-            optim=_section(OptimConfig, raw.get("optim"), "optim"),
-            scheduler=_section(SchedulerConfig, raw.get("scheduler"), "scheduler"),
-            trainer=_section(TrainerConfig, raw.get("trainer"), "trainer"),
-            train=_section(TrainConfig, raw.get("train"), "train"),
-            wandb=_section(WandbConfig, raw.get("wandb"), "wandb"),
-            parallel=_section(ParallelConfig, raw.get("parallel"), "parallel"),
+            optim=from_mapping(OptimConfig, raw.get("optim"), "optim"),
+            scheduler=from_mapping(SchedulerConfig, raw.get("scheduler"), "scheduler"),
+            trainer=from_mapping(TrainerConfig, raw.get("trainer"), "trainer"),
+            train=from_mapping(TrainConfig, raw.get("train"), "train"),
+            wandb=from_mapping(WandbConfig, raw.get("wandb"), "wandb"),
+            parallel=from_mapping(ParallelConfig, raw.get("parallel"), "parallel"),
             layer_parallel=_layer_parallel(raw.get("layer_parallel")),
             **top,
         )

@@ -22,16 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from tpblocks.typed import check_fields, from_mapping
+from tpblocks.typed import require as _require
+
 Source = Literal["embedded", "local", "hub", "shards"]
 OnInvalid = Literal["skip", "error"]
 
 SOURCES = ("embedded", "local", "hub", "shards")
 ON_INVALID = ("skip", "error")
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
 
 
 def default_cache_dir() -> Path:
@@ -78,6 +76,7 @@ class DataConfig:
     prepare_timeout_s: float = 7200.0  # ranks > 0 wait this long for rank 0's prepared shards
 
     def __post_init__(self) -> None:
+        check_fields(self, "data")
         _require(self.source in SOURCES, f"data.source={self.source!r} is not one of {SOURCES}")
         # "???" is OmegaConf's "mandatory, not given" marker (conf/data/fineweb_edu.yaml, local.yaml).
         _require(
@@ -132,11 +131,7 @@ class DataConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> DataConfig:
         """Build from a plain mapping (e.g. ``OmegaConf.to_container(cfg.data)``), naming unknown keys."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown data config keys {unknown}; valid keys are {sorted(known)}")
-        return cls(**values)
+        return from_mapping(cls, values, "data")
 
     def replace(self, **changes: Any) -> DataConfig:
         return dataclasses.replace(self, **changes)

@@ -31,9 +31,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from tpblocks.data.config import DataConfig
-from tpblocks.data.shards import SHARD_VERSION, ShardError, read_header, token_dtype, write_shard
-from tpblocks.data.sources import DataError, DocStats, iter_documents, source_fingerprint
-from tpblocks.data.tokenizer import TRAINER_VERSION, file_sha256, load_tokenizer, train_tokenizer
+from tpblocks.data.shards import SHARD_VERSION, ShardError, open_shard, read_header, token_dtype, write_shard
+from tpblocks.data.sources import DataError, DocStats, NoDocumentsError, iter_documents, source_fingerprint
+from tpblocks.data.tokenizer import TRAINER_VERSION, load_tokenizer, train_tokenizer
+from tpblocks.integrity import checksum_listing, file_sha256, find_damage
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,8 @@ def tokenizer_cache_path(cfg: DataConfig) -> Path:
 
 
 def data_cache_key(cfg: DataConfig, tokenizer_sha256: str) -> str:
-    """Cache key of the token shards: documents, tokenizer and split options (not seq_len, not seeds)."""
+    """Cache key of the token shards: documents, tokenizer, split and validation options (every option that
+    changes the tokens; not seq_len, not seeds)."""
     return _hash(
         [
             PREPARE_VERSION,
@@ -81,6 +83,7 @@ def data_cache_key(cfg: DataConfig, tokenizer_sha256: str) -> str:
             cfg.heldout_tokens,
             cfg.max_train_tokens,
             cfg.shard_tokens,
+            cfg.on_invalid,  # "error" must re-read the documents, not reuse shards that skipped bad rows
         ]
     )
 
@@ -100,26 +103,93 @@ def _wait_for(path: Path, cfg: DataConfig, rank: int, what: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ manifest
-def load_prepared(directory: str | Path) -> PreparedData:
-    """Open a prepared directory and check every shard header against the manifest."""
-    directory = Path(directory).expanduser()
+_MANIFEST_KEYS = ("tokenizer_sha256", "train_shards", "heldout_shard", "vocab_size", "bos_id", "eos_id",
+                  "n_train_tokens", "n_heldout_tokens")  # fmt: skip
+_VERIFIED = ".verified.json"  # files (name, size, mtime) whose bodies were checked against the manifest
+
+
+def _read_manifest(directory: Path) -> dict:
     manifest_path = directory / MANIFEST
     if not manifest_path.is_file():
         raise DataError(
             f"{directory} holds no {MANIFEST}: it is not a complete prepared token directory (an interrupted "
             "preparation leaves none); re-run prepare or point data.path at a directory written by prepare_data"
         )
-    m = json.loads(manifest_path.read_text())
-    if m.get("format") != "tpblocks-tokens" or m.get("version") != PREPARE_VERSION:
+    try:
+        m = json.loads(manifest_path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise DataError(f"{manifest_path} is not valid JSON ({err}); delete {directory} and re-run prepare") from None
+    if not isinstance(m, dict) or m.get("format") != "tpblocks-tokens" or m.get("version") != PREPARE_VERSION:
+        found = (m.get("format"), m.get("version")) if isinstance(m, dict) else (type(m).__name__, None)
         raise DataError(
-            f"{manifest_path} has format {m.get('format')!r} version {m.get('version')}, expected tpblocks-tokens "
+            f"{manifest_path} has format {found[0]!r} version {found[1]}, expected tpblocks-tokens "
             f"version {PREPARE_VERSION}; delete {directory} and re-run prepare"
         )
+    missing = [k for k in _MANIFEST_KEYS if k not in m]
+    if missing:
+        raise DataError(
+            f"{manifest_path} lacks {missing} (incomplete or edited); delete {directory} and re-run prepare"
+        )
+    return m
+
+
+def _file_stamps(directory: Path, names: list[str]) -> dict[str, list[int]]:
+    return {n: [(directory / n).stat().st_size, (directory / n).stat().st_mtime_ns] for n in names}
+
+
+def _max_id(path: Path) -> int:
+    """Largest token id in a shard's body (0 for an empty one)."""
+    _, tokens = open_shard(path)
+    return int(tokens.max()) if tokens.size else 0
+
+
+def _verify_bodies(directory: Path, m: dict, shards: list[Path]) -> None:
+    """Check every shard body against the manifest's sha256 and every id against the vocabulary, once per
+    directory state: ``.verified.json`` remembers (size, mtime) of the files that passed, so later reads of an
+    unchanged directory cost nothing; a file touched since is checked again."""
+    names = [p.name for p in shards]
+    marker = directory / _VERIFIED
+    stamps = _file_stamps(directory, names)
+    try:
+        if json.loads(marker.read_text()) == stamps:
+            return
+    except (OSError, ValueError):
+        pass
+    checksums = m.get("checksums")
+    if isinstance(checksums, dict):
+        damage = find_damage(directory, {n: checksums[n] for n in names if n in checksums})
+        if damage is not None:
+            raise ShardError(
+                f"token shards in {directory} are damaged: {damage}; delete {directory} and re-run prepare"
+            )
+    else:
+        log.warning(
+            "data: %s lists no checksums (prepared by an older tpblocks): shard bodies are not verified", directory
+        )
+    for path in shards:
+        top = _max_id(path)
+        if top >= m["vocab_size"]:
+            raise ShardError(
+                f"token shard {path} holds id {top}, outside the vocabulary of {m['vocab_size']} tokens: the body is "
+                f"corrupt; delete {directory} and re-run prepare"
+            )
+    try:
+        marker.write_text(json.dumps(stamps))
+    except OSError:  # a read-only copy of a prepared directory: verified again next time
+        pass
+
+
+def load_prepared(directory: str | Path, verify: bool = True) -> PreparedData:
+    """Open a prepared directory and check every shard header against the manifest; with ``verify`` also the
+    bodies (sha256 and token ids, see ``_verify_bodies``). Any problem is a DataError naming the file."""
+    directory = Path(directory).expanduser()
+    m = _read_manifest(directory)
+    manifest_path = directory / MANIFEST
     tokenizer = directory / "tokenizer.model"
     if not tokenizer.is_file() or file_sha256(tokenizer) != m["tokenizer_sha256"]:
         raise DataError(
             f"{tokenizer} is missing or is not the tokenizer the shards were written with (sha256 "
-            f"{m['tokenizer_sha256'][:12]}…); delete {directory} and re-run prepare"
+            f"{str(m['tokenizer_sha256'])[:12]}…); delete {directory} and re-run prepare"
         )
     train = [directory / name for name in m["train_shards"]]
     heldout = directory / m["heldout_shard"]
@@ -137,6 +207,8 @@ def load_prepared(directory: str | Path) -> PreparedData:
             f"training shards in {directory} hold {counted} tokens but {MANIFEST} says {m['n_train_tokens']}; "
             f"delete {directory} and re-run prepare"
         )
+    if verify:
+        _verify_bodies(directory, m, [*train, heldout])
     stats_path = directory / "stats.json"
     return PreparedData(
         tokenizer_path=tokenizer,
@@ -204,6 +276,7 @@ def _tokenise(cfg: DataConfig, tokenizer_path: Path, out_dir: Path) -> dict:
     )
     threads = cfg.encode_threads or os.cpu_count() or 1
     done = False
+    leftover: np.ndarray | None = None  # the tail of the last held-out document, cut off at heldout_tokens
     docs = iter_documents(cfg, stats)
     while not done:
         batch = [d for _, d in zip(range(_ENCODE_BATCH), docs)]
@@ -217,7 +290,9 @@ def _tokenise(cfg: DataConfig, tokenizer_path: Path, out_dir: Path) -> dict:
             arr[1:-1] = ids
             used_bytes += len(text.encode("utf-8"))
             if n_heldout < cfg.heldout_tokens:
-                arr = arr[: cfg.heldout_tokens - n_heldout]  # the last held-out document is cut, never shared
+                cut = cfg.heldout_tokens - n_heldout
+                if cut < arr.size:  # the last held-out document is cut, never shared (see `leftover` below)
+                    arr, leftover = arr[:cut], arr[cut:]
                 heldout.append(arr)
                 n_heldout += arr.size
                 heldout_docs += 1
@@ -231,12 +306,22 @@ def _tokenise(cfg: DataConfig, tokenizer_path: Path, out_dir: Path) -> dict:
             if done:
                 break
     bar.close()
+    if writer.total == 0 and leftover is not None and leftover.size > 1:
+        # Every document went to the held-out set and the last one was longer than what was left of it (a corpus
+        # of one big document): train on the rest of that document rather than on nothing.
+        log.warning(
+            "data: the held-out set (data.heldout_tokens=%d) ends inside the last document read; its remaining "
+            "%d tokens are the training set (held-out and training tokens then share that one document)",
+            cfg.heldout_tokens,
+            leftover.size,
+        )
+        writer.add(leftover[: cap if cap is not None else leftover.size])
     writer.flush()
     if n_heldout < cfg.heldout_tokens or writer.total == 0:
         raise DataError(
             f"the data gave {n_heldout + writer.total} tokens ({stats.docs_used} usable documents of "
             f"{stats.docs_read}), not enough for data.heldout_tokens={cfg.heldout_tokens} plus training tokens; "
-            "lower data.heldout_tokens or give more data"
+            f"lower data.heldout_tokens or give more data{stats.why_nothing()}"
         )
     write_shard(
         out_dir / "heldout.bin",
@@ -283,6 +368,7 @@ def _tokenise(cfg: DataConfig, tokenizer_path: Path, out_dir: Path) -> dict:
         "n_heldout_tokens": n_heldout,
         "source": source_fingerprint(cfg),
         "config": {k: v for k, v in cfg.to_dict().items() if k not in ("seq_len", "seed", "shuffle")},
+        "checksums": checksum_listing(out_dir, [*writer.names, "heldout.bin", "tokenizer.model"]),
     }
 
 
@@ -305,13 +391,16 @@ def resolve_tokenizer(cfg: DataConfig, rank: int = 0) -> Path:
         return path
     log.info("data: training a %d-piece BPE tokenizer on %s data -> %s", cfg.vocab_size, cfg.source, path)
     stats = DocStats()
-    return train_tokenizer(
-        iter_documents(cfg, stats),
-        path,
-        vocab_size=cfg.vocab_size,
-        max_bytes=cfg.tokenizer_train_bytes,
-        threads=cfg.encode_threads,
-    )
+    try:
+        return train_tokenizer(
+            iter_documents(cfg, stats),
+            path,
+            vocab_size=cfg.vocab_size,
+            max_bytes=cfg.tokenizer_train_bytes,
+            threads=cfg.encode_threads,
+        )
+    except NoDocumentsError as err:
+        raise NoDocumentsError(f"{err}{stats.why_nothing()}") from None
 
 
 def prepare_data(cfg: DataConfig, rank: int = 0, world: int = 1) -> PreparedData:
@@ -322,16 +411,17 @@ def prepare_data(cfg: DataConfig, rank: int = 0, world: int = 1) -> PreparedData
     accepted for symmetry: the prepared stream is the same for every world size.
     """
     del world  # the stream is world-size independent by design
+    # Local rank 0 verifies the shard bodies (once per directory state); the other ranks read headers only.
     if cfg.source == "shards":
-        return load_prepared(cfg.path)
+        return load_prepared(cfg.path, verify=rank == 0)
     tokenizer_path = resolve_tokenizer(cfg, rank)
     key = data_cache_key(cfg, file_sha256(tokenizer_path))
     final = cfg.resolved_cache_dir / "tokens" / key
     if (final / MANIFEST).is_file():
-        return load_prepared(final)
+        return load_prepared(final, verify=rank == 0)
     if rank != 0:
         _wait_for(final / MANIFEST, cfg, rank, "the prepared token shards")
-        return load_prepared(final)
+        return load_prepared(final, verify=False)
     if cfg.source == "hub" and cfg.max_train_tokens is None:
         log.warning(
             "data: no data.max_train_tokens for hub dataset %s: tokenising the whole subset (can be billions of "

@@ -35,6 +35,10 @@ class DataError(ValueError):
     """Bad data or an unreachable data source, with a message saying what to do."""
 
 
+class NoDocumentsError(DataError):
+    """A pass over the source yielded no usable text (``DocStats.why_nothing`` says why)."""
+
+
 class HubUnavailableError(DataError):
     """The Hugging Face hub could not be reached (offline mode or no network)."""
 
@@ -51,6 +55,19 @@ class DocStats:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def why_nothing(self) -> str:
+        """Why a pass yielded no usable document (for "not enough data" messages); "" when some were usable."""
+        if self.docs_used:
+            return ""
+        if self.skipped_invalid:
+            return (
+                f"; all {self.docs_read} documents read were invalid or empty ({self.skipped_invalid} invalid), "
+                f"the first invalid: {self.first_invalid}"
+            )
+        if self.docs_read:
+            return f"; all {self.docs_read} documents read were empty"
+        return "; the source holds no documents"
 
 
 # ----------------------------------------------------------------------------------------------------- local
@@ -143,7 +160,35 @@ def _iter_parquet(path: Path, cfg: DataConfig, stats: DocStats) -> Iterator[str]
                 yield text
 
 
+def _iter_json_array(path: Path, cfg: DataConfig, stats: DocStats) -> Iterator[str]:
+    """A ``.json`` file holding one JSON array of ``{text_field: ...}`` objects (pretty-printed exports)."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        try:
+            rows = json.loads(f.read().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            stats.docs_read += 1
+            _invalid(stats, cfg, str(path), f"not a valid JSON array ({e})")
+            return
+    for i, obj in enumerate(rows):
+        if not isinstance(obj, dict) or cfg.text_field not in obj:
+            raise DataError(f"{path} item {i}: each item of the JSON array must be an object with a "
+                            f"{cfg.text_field!r} field; set data.text_field")  # fmt: skip
+        text = _text_or_none(obj[cfg.text_field], stats, cfg, f"{path} item {i}")
+        if text is not None:
+            yield text
+
+
+def _starts_with_bracket(path: Path) -> bool:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        return f.read(4096).lstrip().startswith(b"[")
+
+
 def _iter_jsonl(path: Path, cfg: DataConfig, stats: DocStats) -> Iterator[str]:
+    if path.name.endswith((".json", ".json.gz")) and _starts_with_bracket(path):
+        yield from _iter_json_array(path, cfg, stats)
+        return
     opener = gzip.open if path.name.endswith(".gz") else open
     with opener(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
@@ -160,7 +205,8 @@ def _iter_jsonl(path: Path, cfg: DataConfig, stats: DocStats) -> Iterator[str]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 stats.docs_read += 1
-                _invalid(stats, cfg, where, f"malformed JSON ({e.msg})")
+                hint = "; one JSON object per line, or a .json file holding one array" if lineno == 1 else ""
+                _invalid(stats, cfg, where, f"malformed JSON ({e.msg}){hint}")
                 continue
             if not isinstance(obj, dict):
                 raise DataError(f"{where}: each jsonl line must be an object with a {cfg.text_field!r} field")

@@ -9,7 +9,6 @@ Llama-2.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -20,7 +19,8 @@ from pathlib import Path
 import sentencepiece as spm
 from tqdm.auto import tqdm
 
-from tpblocks.data.sources import DataError
+from tpblocks.data.sources import DataError, NoDocumentsError
+from tpblocks.integrity import file_sha256
 
 TRAINER_VERSION = 1  # bump when the training options below change, so cached tokenizers rebuild
 MAX_SENTENCE_BYTES = 16384  # longer lines are skipped by sentencepiece's trainer; we cut them instead
@@ -35,14 +35,6 @@ class TokenizerInfo:
     vocab_size: int
     bos_id: int
     eos_id: int
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_tokenizer(path: str | Path) -> tuple[spm.SentencePieceProcessor, TokenizerInfo]:
@@ -104,7 +96,7 @@ def train_tokenizer(
     try:
         sentences = list(_sentences(documents, max_bytes))
         if not sentences:
-            raise DataError("no text to train a tokenizer on: every document was empty or skipped")
+            raise NoDocumentsError("no text to train a tokenizer on: every document was empty or skipped")
         try:
             spm.SentencePieceTrainer.train(
                 sentence_iterator=iter(sentences),

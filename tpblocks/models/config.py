@@ -27,6 +27,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
+from tpblocks.typed import check_fields
+from tpblocks.typed import require as _require
+
 Arch = Literal["llama", "tp_blocks", "palm", "ladder", "kraken"]
 Recipe = Literal["sandwich", "burger", "track"]
 Reception = Literal["sum", "mean", "gated"]
@@ -35,11 +38,6 @@ ARCHS = ("llama", "tp_blocks", "palm", "ladder", "kraken")
 DENSE_ARCHS = ("llama", "palm", "ladder")  # stacks of n_layers full-width layers, Megatron-sharded
 RECIPES = ("sandwich", "burger", "track")
 RECEPTIONS = ("sum", "mean", "gated")
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,11 +83,18 @@ class ModelConfig:
     extra: dict = field(default_factory=dict, compare=False)  # free-form tags (flavor name, budget, ...)
 
     def __post_init__(self) -> None:
+        check_fields(self)  # types first: every comparison below may assume them
         _require(self.arch in ARCHS, f"arch={self.arch!r} is unknown; choose one of {ARCHS}")
         for name in ("vocab_size", "hidden_size", "n_heads", "n_kv_heads", "max_seq_len"):
             _require(getattr(self, name) > 0, f"{name}={getattr(self, name)} must be a positive integer")
+        # An explicit size of 0 would silently fall back to its default (``x or default``): refuse it instead.
+        for name in ("ffn_hidden_size", "lane_n_heads", "lane_n_kv_heads", "lane_ffn_hidden_size"):
+            value = getattr(self, name)
+            _require(value is None or value > 0, f"{name}={value} must be a positive integer or null (= derived)")
         _require(self.ffn_factor > 0, f"ffn_factor={self.ffn_factor} must be > 0")
         _require(self.norm_eps > 0, f"norm_eps={self.norm_eps} must be > 0")
+        _require(self.rope_theta > 0, f"rope_theta={self.rope_theta} must be > 0 (RoPE base; 10000 is usual)")
+        _require(self.init_std >= 0, f"init_std={self.init_std} must be >= 0")
         self._check_heads("classic layers", self.hidden_size, self.n_heads, self.n_kv_heads, "n_heads", "n_kv_heads")
         if self.arch != "tp_blocks":
             _require(self.n_layers > 0, f"n_layers={self.n_layers} must be >= 1 for arch={self.arch!r}")

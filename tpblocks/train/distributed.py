@@ -51,7 +51,7 @@ class DistEnv:
         return dist.is_available() and dist.is_initialized()
 
 
-def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistEnv:
+def init_distributed(device: str = "auto", timeout_s: int = 600) -> DistEnv:
     """Process group from the torchrun environment (none for a plain single process)."""
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if device == "cuda" and not torch.cuda.is_available():

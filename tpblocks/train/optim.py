@@ -49,3 +49,29 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     groups = [g for g in param_groups(model, cfg.weight_decay) if g["params"]]
     # foreach is the fast path on CPU and GPU; fused needs CUDA (or a recent CPU build) and is left to torch.
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def apply_resumed_hyperparameters(optimizer: torch.optim.Optimizer, scheduler, cfg: OptimConfig) -> list[str]:
+    """After a resume restored the checkpoint's param groups and schedule: put this run's ``optim.*`` values back
+    in force (they may change on resume; the schedule's shape is kept, scaled to the new peak ``lr``). Returns one
+    ``"optim.x: old -> new"`` line per changed value; nothing is touched when nothing changed (bit-exact resume)."""
+    wanted = {"weight_decay": cfg.weight_decay, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps}
+    changes: list[str] = []
+    old_lr = scheduler.base_lrs[0]
+    if any(base != cfg.lr for base in scheduler.base_lrs):
+        changes.append(f"optim.lr: {old_lr:g} -> {cfg.lr:g}")
+    for group in optimizer.param_groups:
+        values = {**wanted, "weight_decay": 0.0} if group.get("name") == "no_decay" else wanted
+        for key, value in values.items():
+            current = tuple(group[key]) if key == "betas" else group[key]
+            if current != value:
+                if group.get("name") != "no_decay":  # its weight decay is always 0; report each change once
+                    changes.append(f"optim.{key}: {current} -> {value}")
+                group[key] = value
+    if changes and changes[0].startswith("optim.lr"):
+        factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+        scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+        for group in optimizer.param_groups:
+            group["initial_lr"], group["lr"] = cfg.lr, cfg.lr * factor
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    return changes

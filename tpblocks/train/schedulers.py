@@ -67,27 +67,40 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedulerConfig, max_
     return LambdaLR(optimizer, factor)
 
 
-def load_scheduler_state(scheduler: LambdaLR, state: dict, max_steps: int) -> None:
-    """Restore ``state`` into ``scheduler`` for a run now set to ``max_steps`` updates (see module docstring)."""
+def load_scheduler_state(scheduler: LambdaLR, state: dict, max_steps: int) -> int:
+    """Restore ``state`` into ``scheduler`` for a run now set to ``max_steps`` updates (see module docstring).
+    Returns the checkpoint's ``max_steps`` (the horizon it was trained for)."""
     factor: ScheduleFactor = scheduler.lr_lambdas[0]
-    new_name = factor.name
+    wanted = dict(vars(factor))
     scheduler.load_state_dict(state)  # overwrites the factor's __dict__ with the saved one
     saved: ScheduleFactor = scheduler.lr_lambdas[0]
     done = int(state["last_epoch"])  # updates already taken
-    if saved.name != new_name:
+    if saved.name != wanted["name"]:
         raise ValueError(
-            f"scheduler.name={new_name!r} but the checkpoint was trained with {saved.name!r}; resume with "
+            f"scheduler.name={wanted['name']!r} but the checkpoint was trained with {saved.name!r}; resume with "
             f"scheduler={saved.name}"
         )
+    # The schedule's shape is the checkpoint's: a changed shape would otherwise be silently overwritten by it.
+    for key, name in (("min_ratio", "min_lr_ratio"), ("decay_fraction", "decay_fraction")):
+        if getattr(saved, key) != wanted[key]:
+            raise ValueError(
+                f"scheduler.{name}={wanted[key]} differs from the checkpoint's {getattr(saved, key)}: the schedule "
+                f"cannot change on resume; set scheduler.{name}={getattr(saved, key)} (or start a new run)"
+            )
+    if saved.max_steps == max_steps and saved.warmup_steps != wanted["warmup_steps"]:
+        raise ValueError(
+            f"scheduler.warmup_fraction gives {wanted['warmup_steps']} warm-up steps but the checkpoint was trained "
+            f"with {saved.warmup_steps}: the schedule cannot change on resume; restore scheduler.warmup_fraction"
+        )
     if saved.max_steps == max_steps:
-        return
+        return max_steps
     if saved.name != "wsd":
         raise ValueError(
             f"train.max_steps={max_steps} differs from the checkpoint's {saved.max_steps}, and a cosine schedule "
             f"cannot be stretched mid-cycle; keep train.max_steps={saved.max_steps} (or train with scheduler=wsd, "
             f"whose stable phase can be extended)"
         )
-    old_start = saved.decay_start
+    old_start, old_max = saved.decay_start, saved.max_steps
     saved.max_steps = max_steps
     if done > old_start or done > saved.decay_start:
         raise ValueError(
@@ -95,3 +108,4 @@ def load_scheduler_state(scheduler: LambdaLR, state: dict, max_steps: int) -> No
             f"the stable phase (old decay start {old_start}, new decay start {saved.decay_start}); extend from a "
             f"checkpoint taken before the decay"
         )
+    return old_max

@@ -51,8 +51,9 @@ from .distributed import (
     init_distributed,
     layout_for,
 )
+from .faults import Heartbeat, die_with_parent, is_timeout
 from .metrics import MetricsWriter, init_wandb, write_json
-from .optim import build_optimizer
+from .optim import apply_resumed_hyperparameters, build_optimizer
 from .schedulers import build_scheduler, load_scheduler_state
 
 
@@ -179,7 +180,7 @@ class Trainer:
     def _maybe_resume(self) -> None:
         cfg, env = self.cfg, self.env
         # Every rank resolves (a bad train.resume then fails on every rank with the same message, not only on 0).
-        path = ckpt_io.resolve_resume(cfg.train.resume, self.run_dir)
+        path = ckpt_io.resolve_resume(cfg.train.resume, self.run_dir, warn=lambda m: _say(env, m))
         path = broadcast_object(str(path) if path is not None else None)  # rank 0's choice wins if they differ
         self.resumed_from = None
         if path is None:
@@ -200,6 +201,7 @@ class Trainer:
                 f"holds the full model for any layout: start a new run from it instead)"
             )
         payload = ckpt_io.load_model_state(path)
+        _check_same_model(payload.get("model_config"), cfg.model, path)
         if self.layout.mode == "lane":  # the full state, then this rank's share of it
             from tpblocks.parallel import local_slice
 
@@ -210,7 +212,11 @@ class Trainer:
             self.model.load_state_dict(payload["model"])
             optim_state = state["optimizer"]
         self.backend.load_optimizer_state(optim_state, path)
-        load_scheduler_state(self.scheduler, state["scheduler"], cfg.train.max_steps)
+        horizon = load_scheduler_state(self.scheduler, state["scheduler"], cfg.train.max_steps)
+        if horizon != cfg.train.max_steps:
+            _say(env, f"resume: train.max_steps {horizon} -> {cfg.train.max_steps} (WSD decay moved to the new end)")
+        for change in apply_resumed_hyperparameters(self.optimizer, self.scheduler, cfg.optim):
+            _say(env, f"resume: {change} (takes effect from step {int(state['step']) + 1})")
         self.loader.load_state_dict(state["loader"][0])  # the global cursor, the same on every rank
         if env.rank < len(state["rng"]):
             ckpt_io.set_rng_state(state["rng"][env.rank])
@@ -256,6 +262,7 @@ class Trainer:
         barrier()
         tmp = ckpt_io.tmp_dir(self.run_dir, self.step)
         self.backend.save_extra(tmp)
+        barrier()  # every rank's DeepSpeed files are in tmp before rank 0 checksums and publishes them
         rngs = gather_objects(ckpt_io.rng_state())
         loaders = [self.loader.state_dict()]  # one global cursor (tpblocks/data/loader.py)
         lane_mode = self.layout.mode == "lane"
@@ -316,7 +323,12 @@ class Trainer:
         if self.backend.name == "ddp" and not math.isfinite(grad_norm):
             raise TrainingDiverged(f"gradient norm is {grad_norm} at step {step} (loss {train_loss:.4f})")
         lr = self.scheduler.get_last_lr()[0]  # the lr this update uses
-        self.backend.apply()
+        try:
+            self.backend.apply()
+        except RuntimeError as err:  # e.g. lr=1e300: the step size does not fit the parameters' dtype
+            if "overflow" not in str(err):
+                raise
+            raise TrainingDiverged(f"the optimizer update overflowed at step {step} (lr {lr:g}): {err}") from err
         if self.backend.name == "deepspeed":
             grad_norm = self.backend.grad_norm_after_step()
         self.scheduler.step()
@@ -353,7 +365,9 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
         cfg = self.cfg
+        die_with_parent()
         self.env = env = init_distributed(cfg.trainer.device, cfg.trainer.dist_timeout_s)
+        self.heartbeat = beat = Heartbeat()
         on_cpu = env.device.type == "cpu"
         self.cpu_memory_retained = on_cpu and cfg.trainer.cpu_allocator == "retain" and retain_freed_memory()
         self.run_dir = Path(cfg.run_dir).resolve()
@@ -370,9 +384,11 @@ class Trainer:
             bar = _progress(env, cfg, self.step)
             train = cfg.train
             while self.step < train.max_steps:
+                beat.update("train", self.step + 1)
                 record = self.train_step()
                 step = record["step"]
                 if train.eval_every and (step == 1 or step % train.eval_every == 0 or step == train.max_steps):
+                    beat.update("eval", step)
                     record["eval_loss"] = self.last_eval_loss = self.evaluate()
                 if writer is not None and (step % train.log_every == 0 or "eval_loss" in record):
                     writer.log(record)
@@ -380,6 +396,7 @@ class Trainer:
                     bar.update(1)
                     bar.set_postfix(loss=f"{record['train_loss']:.3f}", lr=f"{record['lr']:.2e}", refresh=False)
                 if (train.checkpoint_every and step % train.checkpoint_every == 0) or step == train.max_steps:
+                    beat.update("checkpoint", step)
                     self.save_checkpoint()
             status = "completed"
         except TrainingDiverged as err:
@@ -388,9 +405,14 @@ class Trainer:
             error += f"; last good checkpoint: {last}" if last else "; no checkpoint had been written yet"
             _say(env, f"DIVERGED: {error}")
         except BaseException as err:  # summary.json is written on any failure, then the error propagates
+            if is_timeout(err):  # a peer stalled: say which one rather than only "timed out"
+                stalled = beat.diagnose(cfg.trainer.dist_timeout_s)
+                error = str(stalled)
+                raise stalled from err
             error = f"{type(err).__name__}: {err}"
             raise
         finally:
+            beat.stop()
             if bar is not None:
                 bar.close()
             if writer is not None:
@@ -431,6 +453,20 @@ class Trainer:
             "parallel": {"dp": self.layout.dp, "lane": self.layout.lane} if self.layout else None,
             "layer_parallel": self.cfg.layer_parallel.enabled,
         }
+
+
+def _check_same_model(saved: dict | None, model: Any, path: Path) -> None:
+    """The checkpoint's weights fit only the architecture that wrote them: name what differs instead of letting
+    ``load_state_dict`` fail with a list of tensor names."""
+    if not isinstance(saved, dict):
+        return
+    mine = {k: v for k, v in model.to_dict().items() if k != "extra"}
+    differ = [f"{k}={saved.get(k)!r} (now {v!r})" for k, v in mine.items() if k in saved and saved[k] != v]
+    if differ:
+        raise ValueError(
+            f"checkpoint {path} holds another model: {', '.join(differ)}; the architecture cannot change on "
+            f"resume: restore those model settings, or train.resume=none (or another run_dir) to start afresh"
+        )
 
 
 def _fmt(x: float | None) -> str:

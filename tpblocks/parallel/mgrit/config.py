@@ -19,15 +19,13 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from tpblocks.typed import check_fields, from_mapping
+from tpblocks.typed import require as _require
+
 RELAXATIONS = ("F", "FCF")
 FINAL_SWEEPS = ("serial", "F")
 POLICIES = ("add_iters", "serial")
 UNITS = ("stages", "lanes")
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,7 +65,7 @@ class MGRITConfig:
     check_every: int = 0  # every N steps measure the true gradient error against a serial pass (0 = never)
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.enabled, bool), f"enabled={self.enabled!r} must be true or false")
+        check_fields(self, "layer_parallel")
         _require(self.levels >= 1, f"levels={self.levels} must be >= 1 (2 or more for parallelism)")
         _require(self.cf >= 2, f"cf={self.cf} must be >= 2: the coarse grid keeps every cf-th layer boundary")
         _require(self.iters >= 1, f"iters={self.iters} must be >= 1")
@@ -97,11 +95,7 @@ class MGRITConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> MGRITConfig:
         """Build from a plain mapping (e.g. an OmegaConf ``layer_parallel`` block); unknown keys are an error."""
-        values = dict(values or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        _require(not unknown, f"layer_parallel has unknown keys {unknown}; known keys are {sorted(known)}")
-        return cls(**values)
+        return from_mapping(cls, values, "layer_parallel")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
