@@ -229,7 +229,8 @@ def _slice_backward(ctx, dy_lbsd):
     act_lbsf, w_lfc = ctx.saved_tensors
     l, b, s, f = act_lbsf.shape
     c = w_lfc.shape[-1]
-    dout_lmc = own_slices_lbsc(dy_lbsd, ctx.lane_offset, c).reshape(l, b * s, c)
+    # In the matmul's dtype: under autocast the residual's gradient (fp32) meets bf16 act / w, as in bmm's backward.
+    dout_lmc = own_slices_lbsc(dy_lbsd, ctx.lane_offset, c).reshape(l, b * s, c).to(act_lbsf.dtype)
     dact = torch.bmm(dout_lmc, w_lfc.transpose(1, 2)).view(l, b, s, f)
     dw = torch.bmm(act_lbsf.reshape(l, b * s, f).transpose(1, 2), dout_lmc)
     return dy_lbsd, dact, dw, None
