@@ -81,10 +81,11 @@ def _engine(model, settings: Settings, compiled: bool, context: int):
 
 
 def _graph_step(engine, tokens, pos, settings: Settings):
-    """The eager decode step captured in one CUDA graph (replay = the step); on a CPU the eager step itself."""
+    """(the eager decode step captured in one CUDA graph, note); on a CPU, or when the capture fails (a host sync
+    inside the step), the eager step itself and a note saying so."""
     step = lambda: engine.decode(tokens, pos)  # noqa: E731
     if not settings.cuda:
-        return step
+        return step, "eager (no CUDA graphs on a CPU)"
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up off the capture stream: Triton compiles, cuBLAS picks its kernels
@@ -92,9 +93,13 @@ def _graph_step(engine, tokens, pos, settings: Settings):
             step()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
+    try:
+        with torch.cuda.graph(graph):
+            step()
+    except Exception as e:  # noqa: BLE001 - timed eagerly instead, and said
+        torch.cuda.synchronize()
+        return step, f"eager: CUDA-graph capture failed ({type(e).__name__}: {str(e)[:120]})"
+    return graph.replay, ""
 
 
 def _compiled_step(engine, tokens, pos):
@@ -116,7 +121,9 @@ def time_case(case: DecodeCase, mode: str, settings: Settings) -> dict:
     engine = _engine(model, settings, mode == "compiled", context)
     tokens = torch.randint(0, cfg.vocab_size, (1, 1), device=settings.device)
     pos = torch.tensor([context - 1], device=settings.device)
-    step = _compiled_step(engine, tokens, pos) if mode == "compiled" else _graph_step(engine, tokens, pos, settings)
+    step, note = (
+        (_compiled_step(engine, tokens, pos), "") if mode == "compiled" else _graph_step(engine, tokens, pos, settings)
+    )
     ready_s = time.perf_counter() - t0
     ms = bench_ms(step, settings, rep_ms=10 if settings.dry_run else 300)
     held = sum(p.numel() * p.element_size() for p in model.parameters()) + engine.cache.nbytes()
@@ -124,7 +131,7 @@ def time_case(case: DecodeCase, mode: str, settings: Settings) -> dict:
     del engine, model
     return {"label": case.label, "mode": mode, "flavor": case.flavor, "devices": case.devices, "context": context,
             "us_per_token": ms * 1e3, "bytes_formula": nbytes, "bytes_held": held, "setup_s": ready_s,
-            "syncs": pm.syncs_for_config(cfg) if case.devices > 1 else 0}  # fmt: skip
+            "syncs": pm.syncs_for_config(cfg) if case.devices > 1 else 0, "note": note}  # fmt: skip
 
 
 def predict_8gpu(rows: list[dict], mode: str, beta: float, t_syncs: tuple[float, ...]) -> list[dict]:
@@ -195,8 +202,9 @@ def run(settings: Settings, results: dict, phase: str | None = "graph") -> dict:
     table = [{"model": r["label"], "mode": r["mode"], "us/token": fmt(r.get("us_per_token")),
               "MB read": fmt(r.get("bytes_formula", 0) / 1e6), "roofline us": fmt(r.get("roofline_us")),
               "of roofline": fmt(r.get("of_roofline"), 2), "setup s": fmt(r.get("setup_s"), 2),
-              "error": r.get("error", "")[:60]} for r in rows]  # fmt: skip
-    summary = [(f"decode {r['label']} [{r['mode']}] us/token", r["us_per_token"], f"{r['of_roofline']:.2f} of roofline")
+              "note": (r.get("error") or r.get("note") or "")[:70]} for r in rows]  # fmt: skip
+    summary = [(f"decode {r['label']} [{r['mode']}] us/token", r["us_per_token"],
+                 f"{r['of_roofline']:.2f} of roofline" + (f"; {r['note'][:50]}" if r["note"] else ""))
                for r in ok]  # fmt: skip
     summary += [(f"decode {r['label']} [{r['mode']}]", "failed", r["error"][:60]) for r in rows if "error" in r]
     summary += [(f"8-GPU speed-up {p['model']} [{p['mode']}], t_sync {p['t_sync_us']:.0f} us", p["predicted_speedup"],
