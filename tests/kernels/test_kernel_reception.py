@@ -8,7 +8,6 @@ import torch
 from kernels import reception as K
 from tpblocks.models.delayed import Reception
 
-
 # (lanes here, batch, seq, width, lanes in the block): odd rows and width. Also the GPU check's (benchmarks/gpu).
 RECEPTION_SHAPE = (3, 5, 41, 123, 4)
 

@@ -83,3 +83,5 @@ def test_bad_slice_layout_is_explained():
         K.lane_down_into_own_slice_triton(x, act, torch.randn(2, 5, 4), 1)  # lanes 1..2 of 2 slices
     with pytest.raises(ValueError, match="disagree"):
         K.lane_down_into_own_slice_triton(x, act, torch.randn(3, 5, 4), 0)
+    with pytest.raises(ValueError, match="one dtype"):
+        K.lane_down_into_own_slice_triton(x, act.bfloat16(), torch.randn(2, 5, 4), 0)
