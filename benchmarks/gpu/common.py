@@ -67,6 +67,14 @@ class Settings:
         return self.device.type == "cuda"
 
 
+def require_triton() -> None:
+    """ImportError (the section is then skipped with this message) when Triton is not installed."""
+    from kernels._triton import HAS_TRITON
+
+    if not HAS_TRITON:
+        raise ImportError("triton is not installed: the kernel sections need it (pip install triton)")
+
+
 def bench_ms(fn: Callable[[], object], settings: Settings, rep_ms: float = 100, warmup_ms: float = 25) -> float:
     """Median ms of ``fn``: ``triton.testing.do_bench`` (CUDA events, L2 flushed) on a GPU, else wall clock."""
     if settings.cuda:

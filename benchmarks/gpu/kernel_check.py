@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .common import Settings, poisoned_outputs
+from .common import Settings, poisoned_outputs, require_triton
 
 TESTS = Path(__file__).resolve().parents[2] / "tests" / "kernels"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -219,6 +219,7 @@ def opchecks(settings: Settings) -> list[dict]:
 def run(settings: Settings, results: dict, phase: str | None = None) -> dict:
     from kernels import dispatch
 
+    require_triton()
     rows, seed, skipped = [], settings.seed, []
     stop = time.monotonic() + MAX_S
     with dispatch.forced("triton"):

@@ -8,7 +8,7 @@ bandwidth measured by the ceilings section.
 
 from __future__ import annotations
 
-from .common import Settings, bench_ms, compile_fn
+from .common import Settings, bench_ms, compile_fn, require_triton
 
 DRY_SIZES = dict(l=2, m=64, d=64, f=96, c=32, bq=2, n=4, kh=1, e=16, t=64)
 
@@ -28,6 +28,7 @@ def run(settings: Settings, results: dict, phase: str | None = None) -> dict:
     from benchmarks.kernels.run_all import build_cases, time_case
     from kernels import dispatch
 
+    require_triton()
     z = DRY_SIZES if settings.dry_run else lane_sizes()
     dtype = torch.bfloat16 if settings.cuda else torch.float32
     copy = results.get("ceilings", {}).get("copy_GBps")
