@@ -35,6 +35,7 @@ def test_dry_run_runs_every_section_on_cpu(tmp_path):
     assert {r["dtype"] for r in checks["rows"]} == {"float32", "float16", "bfloat16"}
     assert len({r["op"] for r in checks["rows"]}) == 8 and all(r["passed"] for r in checks["opcheck"])
     assert {r["impl"] for r in result["kernel_speed"]["rows"]} == {"triton", "eager", "compile"}
+    assert result["comm"]["rows"][0]["correct"] is True  # async over gloo; symmetric memory is CUDA-only
     decode = result["decode"]["rows"]
     assert [r.get("error") for r in decode] == [None] * 8 and {r["mode"] for r in decode} == {"graph", "compiled"}
     assert len(result["decode"]["predictions"]) == 2 * 2 * 3  # 2 modes x (burger, sandwich) x 3 t_sync values
@@ -88,3 +89,16 @@ def test_bad_arguments_are_explained(capsys):
     if not torch.cuda.is_available():
         assert gpu_run.main([]) == 2
         assert "--dry-run" in capsys.readouterr().err
+
+
+def test_a_section_cap_interrupts_only_that_section():
+    import time
+
+    from benchmarks.gpu.common import Budget, OutOfTime
+
+    budget = Budget(60)
+    budget.arm(0.05)
+    with pytest.raises(OutOfTime, match="cap"):
+        time.sleep(5)
+    budget.disarm()
+    assert budget.left() > 50

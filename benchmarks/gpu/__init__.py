@@ -7,6 +7,8 @@ Sections (each guarded: a failure is recorded and the run goes on; the time budg
   ceilings            device-to-device copy GB/s and a large bf16 matmul TFLOP/s, measured here   (ceilings.py)
   kernel_correctness  every Triton op vs its reference, fp32/fp16/bf16, fresh inputs, poisoned outputs,
                       every gradient; torch.library.opcheck                                    (kernel_check.py)
+  comm                NCCL (gloo on a dry run) on one rank: kernels/comm.py's async and symmetric-memory
+                      delayed all-reduce give the right sum, and their one-GPU latency   (comm_check.py)
   kernel_speed        Triton vs torch eager vs torch.compile at the 1.5B lane shapes            (kernel_speed.py)
   decode              CUDA-graph and compiled decode us/token vs the HBM roofline; perfmodel's 8-GPU
                       speed-up from the measured per-GPU times                                       (decode.py)

@@ -37,13 +37,19 @@ class Budget:
         """Whether a step estimated to take ``need_s`` seconds still fits."""
         return self.left() >= need_s
 
-    def arm(self) -> None:
+    def arm(self, cap_s: float | None = None) -> None:
+        """Interrupt at the deadline, or after ``cap_s`` seconds if that comes first."""
+        left = self.left()
+        capped = cap_s is not None and cap_s < left
+        limit = cap_s if capped else left
+        reason = f"the section's {cap_s:.0f} s cap" if capped else f"the {self.seconds:.0f} s budget is spent"
+
         def _raise(_signum, _frame):
-            raise OutOfTime(f"the {self.seconds:.0f} s budget is spent")
+            raise OutOfTime(f"interrupted: {reason}")
 
         if hasattr(signal, "setitimer"):
             signal.signal(signal.SIGALRM, _raise)
-            signal.setitimer(signal.ITIMER_REAL, max(0.01, self.left()))
+            signal.setitimer(signal.ITIMER_REAL, max(0.01, limit))
 
     @staticmethod
     def disarm() -> None:

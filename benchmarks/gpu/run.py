@@ -21,18 +21,20 @@ import time
 import traceback
 from pathlib import Path
 
-# (section, module, phase, seconds it needs at least to start on a GPU). The cheap phases of every section come
-# first and the cold compiles (the slowest, and the first to be skipped when time runs short) last.
+# (section, module, phase, seconds it needs at least to start on a GPU, seconds it may take at most or None). The
+# cheap phases of every section come first and the cold compiles (the slowest, the first to be skipped when time
+# runs short) last.
 PLAN = (
-    ("ceilings", "ceilings", None, 5),
-    ("kernel_correctness", "kernel_check", None, 30),
-    ("decode", "decode", "graph", 20),
-    ("training", "train", "eager", 20),
-    ("kernel_speed", "kernel_speed", None, 30),
-    ("decode", "decode", "compiled", 60),
-    ("training", "train", "compile", 60),
+    ("ceilings", "ceilings", None, 5, None),
+    ("kernel_correctness", "kernel_check", None, 30, None),
+    ("comm", "comm_check", None, 10, 45),  # NCCL init should take seconds: a hang must not eat the run
+    ("decode", "decode", "graph", 20, None),
+    ("training", "train", "eager", 20, None),
+    ("kernel_speed", "kernel_speed", None, 30, None),
+    ("decode", "decode", "compiled", 60, None),
+    ("training", "train", "compile", 60, None),
 )
-SECTIONS = ("ceilings", "kernel_correctness", "kernel_speed", "decode", "training")  # the order of the summary
+SECTIONS = ("ceilings", "kernel_correctness", "comm", "kernel_speed", "decode", "training")  # the summary's order
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -79,7 +81,8 @@ def environment(settings) -> dict:
     return env
 
 
-def run_section(name: str, module: str, phase: str | None, need: float, settings, results: dict) -> None:
+def run_section(name: str, module: str, phase: str | None, need: float, cap: float | None, settings,
+                results: dict) -> None:  # fmt: skip
     """One phase of one section, guarded. A section's ``run(settings, results, phase)`` returns its figures with
     the earlier phases' rows included; ``results[name]["phases"]`` records how each phase went."""
     from .common import OutOfTime
@@ -93,7 +96,7 @@ def run_section(name: str, module: str, phase: str | None, need: float, settings
     else:
         print(f"\n=== {label} ({settings.budget.left():.0f} s of budget left)", flush=True)
         try:
-            settings.budget.arm()  # the alarm only interrupts a section, never the bookkeeping around them
+            settings.budget.arm(cap)  # the alarm only interrupts a section, never the bookkeeping around them
             data = importlib.import_module(f"benchmarks.gpu.{module}").run(settings, results, phase)
         except OutOfTime as e:
             status, message = "timed out", str(e)
@@ -168,9 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     results: dict = {"environment": environment(settings)}
     print(f"GPU check: {results['environment']}", flush=True)
-    for name, module, phase, need in PLAN:
+    for name, module, phase, need, cap in PLAN:
         if name in args.only:
-            run_section(name, module, phase, need, settings, results)
+            run_section(name, module, phase, need, cap, settings, results)
             write(out, results)
     rows = summary_rows(results)
     results["summary"] = rows
