@@ -105,7 +105,8 @@ def main() -> None:
                         help="also time torch.compile'd models (fuses the lanes' elementwise work; cold compiles "
                              "take minutes on CPU)")  # fmt: skip
     args = parser.parse_args()
-    from tpblocks.train.cpu_allocator import retain_freed_memory  # here: tpblocks.train imports the trainer (hydra, ...)
+    # Imported here: tpblocks.train imports the trainer (hydra, deepspeed, ...), which step_fn's users may lack.
+    from tpblocks.train.cpu_allocator import retain_freed_memory
 
     allocator = "system" if args.system_allocator or not retain_freed_memory() else "retain"
     torch.manual_seed(0)
