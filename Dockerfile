@@ -4,7 +4,13 @@
 #   docker build -t tpblocks .
 #   docker run --gpus all --ipc=host -v $PWD/outputs:/workspace/tpblocks/outputs tpblocks \
 #       torchrun --nproc_per_node=8 launch/train.py +experiment=burger_8lane
-ARG BASE=pytorch/pytorch:2.5.1-cuda12.4-cudnn9-devel
+#   docker run --gpus all --ipc=host -v $PWD/outputs:/workspace/tpblocks/outputs tpblocks \
+#       python -m benchmarks.gpu --out outputs/gpu_check          # the one-GPU check (docs/gpu.md)
+#
+# Base: the official PyTorch image with the versions the GPU check targets (torch 2.11 + CUDA 13.0, whose wheel
+# brings Triton 3.6), the same as the H200 machines' image. The code needs torch >= 2.4 (torch.library.custom_op);
+# another CUDA base works: docker build --build-arg BASE=pytorch/pytorch:<version>-cuda<x.y>-cudnn9-devel .
+ARG BASE=pytorch/pytorch:2.11.0-cuda13.0-cudnn9-devel
 FROM ${BASE}
 
 ENV PYTHONUNBUFFERED=1 \
@@ -19,9 +25,11 @@ WORKDIR /workspace/tpblocks
 COPY pyproject.toml README.md ./
 COPY tpblocks ./tpblocks
 COPY kernels ./kernels
-# Keep the image's CUDA torch: pin it so no dependency (deepspeed!) swaps it for another build.
-RUN python -c "import torch; print(f'torch=={torch.__version__}')" > /tmp/torch-constraint.txt \
-    && pip install -c /tmp/torch-constraint.txt -e '.[hf,dev]'
+# Keep the image's CUDA torch (and the Triton it ships with): pin both so no dependency (deepspeed!) swaps them.
+RUN python -c "import torch, triton; print(f'torch=={torch.__version__}\ntriton=={triton.__version__}')" \
+        > /tmp/torch-constraint.txt \
+    && pip install -c /tmp/torch-constraint.txt -e '.[hf,dev]' \
+    && python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 COPY conf ./conf
 COPY launch ./launch
 COPY benchmarks ./benchmarks

@@ -35,7 +35,6 @@ import torch.nn.functional as F
 from benchmarks.common import busy_machine_warning, machine_info, print_table, write_json
 from tpblocks.models import ModelConfig, build_model, solve_hidden_size, total_parameters, training_flops_per_token
 from tpblocks.models.flavors import FLAVORS, match_budget_and_aspect
-from tpblocks.train.cpu_allocator import retain_freed_memory
 
 BASELINE = "llama (tpblocks)"
 HF = "llama (transformers)"
@@ -63,12 +62,19 @@ def configs(quick: bool) -> dict[str, ModelConfig]:
     return cfgs
 
 
-def step_fn(model: torch.nn.Module, tokens: torch.Tensor, hf: bool):
+def step_fn(model: torch.nn.Module, tokens: torch.Tensor, hf: bool, autocast: torch.dtype | None = None,
+            optimizer: torch.optim.Optimizer | None = None):  # fmt: skip
+    """One training step: forward (under ``autocast`` when given, as the trainer's bf16), fp32 loss, backward,
+    ``optimizer.step()`` when given, gradients cleared."""
+
     def step() -> None:
-        out = model(tokens)
+        with torch.autocast(tokens.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            out = model(tokens)
         logits = out.logits if hf else out
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
         loss.backward()
+        if optimizer is not None:
+            optimizer.step()
         model.zero_grad(set_to_none=True)
 
     return step
@@ -99,6 +105,9 @@ def main() -> None:
                         help="also time torch.compile'd models (fuses the lanes' elementwise work; cold compiles "
                              "take minutes on CPU)")  # fmt: skip
     args = parser.parse_args()
+    # Imported here: tpblocks.train imports the trainer (hydra, deepspeed, ...), which step_fn's users may lack.
+    from tpblocks.train.cpu_allocator import retain_freed_memory
+
     allocator = "system" if args.system_allocator or not retain_freed_memory() else "retain"
     torch.manual_seed(0)
     cfgs = configs(args.quick)

@@ -53,6 +53,10 @@ def lane_down_into_own_slice(
 ) -> torch.Tensor:
     """Burger FFN write: ``x`` with ``act[l] @ w_down[l]`` added into feature slice ``lane_offset + l`` of lane l."""
     if use_triton(x_lbsd):
+        device = x_lbsd.device.type
+        if torch.is_autocast_enabled(device):  # as autocast casts the reference's bmm; x (the residual) keeps its dtype
+            dtype = torch.get_autocast_dtype(device)
+            act_lbsf, w_down_lfc = act_lbsf.to(dtype), w_down_lfc.to(dtype)
         return _swiglu.lane_down_into_own_slice_op(x_lbsd, act_lbsf, w_down_lfc, int(lane_offset))
     return _swiglu.lane_down_into_own_slice_reference(x_lbsd, act_lbsf, w_down_lfc, lane_offset)
 

@@ -141,6 +141,11 @@ def _check_slice_write(x_lbsd: torch.Tensor, act_lbsf: torch.Tensor, w_lfc: torc
     if act_lbsf.shape != (l, b, s, f) or w_lfc.shape[0] != l:
         shapes = f"x {tuple(x_lbsd.shape)}, act {tuple(act_lbsf.shape)}, w_down {tuple(w_lfc.shape)}"
         raise ValueError(f"shapes disagree: {shapes}")
+    if act_lbsf.dtype != w_lfc.dtype:
+        raise ValueError(
+            f"act ({act_lbsf.dtype}) and w_down ({w_lfc.dtype}) must have one dtype, as for a matmul; under autocast "
+            f"kernels.ops.lane_down_into_own_slice casts them"
+        )
     if d % c or not 0 <= lane_offset or lane_offset + l > d // c:
         raise ValueError(
             f"lanes [{lane_offset}, {lane_offset + l}) do not fit the {d // c} slices of width {c} of d={d}"
@@ -229,7 +234,8 @@ def _slice_backward(ctx, dy_lbsd):
     act_lbsf, w_lfc = ctx.saved_tensors
     l, b, s, f = act_lbsf.shape
     c = w_lfc.shape[-1]
-    dout_lmc = own_slices_lbsc(dy_lbsd, ctx.lane_offset, c).reshape(l, b * s, c)
+    # In the matmul's dtype: under autocast the residual's gradient (fp32) meets bf16 act / w, as in bmm's backward.
+    dout_lmc = own_slices_lbsc(dy_lbsd, ctx.lane_offset, c).reshape(l, b * s, c).to(act_lbsf.dtype)
     dact = torch.bmm(dout_lmc, w_lfc.transpose(1, 2)).view(l, b, s, f)
     dw = torch.bmm(act_lbsf.reshape(l, b * s, f).transpose(1, 2), dout_lmc)
     return dy_lbsd, dact, dw, None

@@ -45,8 +45,9 @@ def _nbytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _sizes(quick: bool, cuda: bool) -> dict:
-    """Shapes per kernel: (lanes, rows = b*s, width, ...). Llama-1B-like widths on GPU, small ones on CPU."""
+def sizes(quick: bool, cuda: bool) -> dict:
+    """Shapes per kernel: l lanes, m rows = b*s, d width, f FFN size, c slice width (h/L), bq decode sequences,
+    n / kh query / KV heads, e head dim, t cache length. Llama-1B-like widths on GPU, small ones on CPU."""
     if not cuda:
         return dict(l=4, m=256, d=512, f=768, c=128, bq=8, n=8, kh=2, e=64, t=1024)
     if quick:
@@ -54,8 +55,8 @@ def _sizes(quick: bool, cuda: bool) -> dict:
     return dict(l=4, m=8192, d=4096, f=5632, c=1024, bq=32, n=32, kh=8, e=128, t=8192)
 
 
-def build_cases(quick: bool, device: torch.device, dtype: torch.dtype) -> list[Case]:
-    z = _sizes(quick, device.type == "cuda")
+def build_cases(z: dict, device: torch.device, dtype: torch.dtype) -> list[Case]:
+    """One case per kernel at the shapes ``z`` (keys as ``sizes`` returns)."""
     kw = dict(device=device, dtype=dtype)
     l, m, d, f, c = z["l"], z["m"], z["d"], z["f"], z["c"]
     cases = []
@@ -128,7 +129,7 @@ def build_cases(quick: bool, device: torch.device, dtype: torch.dtype) -> list[C
     return cases
 
 
-def _cpu_bench(fn: Callable[[], object], min_time_s: float) -> float:
+def cpu_bench_ms(fn: Callable[[], object], min_time_s: float) -> float:
     """Median ms of repeated calls after one warm-up call, for at least ``min_time_s``."""
     fn()
     times: list[float] = []
@@ -142,6 +143,15 @@ def _cpu_bench(fn: Callable[[], object], min_time_s: float) -> float:
     return statistics.median(times)
 
 
+def time_case(case: Case, bench: Callable[[Callable], float], compile_fn: Callable | None) -> dict[str, float]:
+    """ms of the Triton op, the eager reference and ``compile_fn(reference)``; only the eager reference without
+    ``compile_fn`` (no GPU: Triton has no CPU backend, its interpreter is for correctness)."""
+    impls = {"eager": case.reference_fn}
+    if compile_fn is not None:
+        impls = {"triton": case.triton_fn, "eager": case.reference_fn, "compile": compile_fn(case.reference_fn)}
+    return {name: bench(fn) for name, fn in impls.items()}
+
+
 def run(quick: bool) -> dict:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -153,7 +163,7 @@ def run(quick: bool) -> dict:
         bench = lambda fn: triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=50 if quick else 100)  # noqa: E731
         print(f"device: {torch.cuda.get_device_name()}  dtype: {dtype}  (triton vs torch eager vs torch.compile)")
     else:
-        bench = lambda fn: _cpu_bench(fn, 0.5 if quick else 2.0)  # noqa: E731
+        bench = lambda fn: cpu_bench_ms(fn, 0.5 if quick else 2.0)  # noqa: E731
         cpu = info.get("cpu_model") or info.get("processor")
         print(
             f"no CUDA device: timing the reference path only (torch eager on {cpu}, {torch.get_num_threads()} "
@@ -161,11 +171,8 @@ def run(quick: bool) -> dict:
             f"for correctness only)"
         )
     rows = []
-    for case in build_cases(quick, device, dtype):
-        impls = {"eager": case.reference_fn}
-        if cuda:
-            impls = {"triton": case.triton_fn, "eager": case.reference_fn, "compile": torch.compile(case.reference_fn)}
-        times = {name: bench(fn) for name, fn in impls.items()}
+    for case in build_cases(sizes(quick, cuda), device, dtype):
+        times = time_case(case, bench, torch.compile if cuda else None)
         for name, ms in times.items():
             rows.append(
                 {

@@ -8,6 +8,9 @@ import torch
 from kernels import reception as K
 from tpblocks.models.delayed import Reception
 
+# (lanes here, batch, seq, width, lanes in the block): odd rows and width. Also the GPU check's (benchmarks/gpu).
+RECEPTION_SHAPE = (3, 5, 41, 123, 4)
+
 
 def _case(mode, dtype, l=3, b=5, s=41, d=123, lane_count=4):
     x = torch.randn(l, b, s, d, dtype=dtype, requires_grad=True)
@@ -28,7 +31,7 @@ def _grads(out, inputs):
 @pytest.mark.parametrize("mode", ["sum", "mean", "gated"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_matches_model_reception(mode, dtype, close):
-    x, total, sent, rec = _case(mode, dtype)
+    x, total, sent, rec = _case(mode, dtype, *RECEPTION_SHAPE)
     point = 1
     gate = rec.gate[point] if rec.gate is not None else None
     y = K.reception_triton(x, total, sent, gate, mode, rec.lane_count, rec.eps)

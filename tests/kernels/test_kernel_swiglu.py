@@ -14,7 +14,10 @@ def _grads(out: torch.Tensor, inputs) -> list[torch.Tensor]:
     return list(torch.autograd.grad((out.float() * upstream).sum(), inputs))
 
 
-@pytest.mark.parametrize("shape", [(5, 123, 123), (3, 1, 7)])
+SWIGLU_SHAPES = [(5, 123, 123), (3, 1, 7)]  # odd sizes; also the GPU check's small shapes (benchmarks/gpu)
+
+
+@pytest.mark.parametrize("shape", SWIGLU_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_swiglu_matches_reference(shape, dtype, close):
     g = (2 * torch.randn(shape)).to(dtype).requires_grad_(True)
@@ -80,3 +83,5 @@ def test_bad_slice_layout_is_explained():
         K.lane_down_into_own_slice_triton(x, act, torch.randn(2, 5, 4), 1)  # lanes 1..2 of 2 slices
     with pytest.raises(ValueError, match="disagree"):
         K.lane_down_into_own_slice_triton(x, act, torch.randn(3, 5, 4), 0)
+    with pytest.raises(ValueError, match="one dtype"):
+        K.lane_down_into_own_slice_triton(x, act.bfloat16(), torch.randn(2, 5, 4), 0)

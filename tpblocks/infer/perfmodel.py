@@ -93,7 +93,8 @@ PRESETS: dict[str, Hardware] = {
     ),
     "h200": Hardware(
         name="h200", beta=4.8 * TB, t_sync=5e-6, alpha=989e12, beta_inter=450e9,
-        source="NVIDIA H200 SXM datasheet: 4.8 TB/s HBM3e, 989 TFLOPS bf16 dense; t_sync as the report's 5 us",
+        source="NVIDIA H200 SXM datasheet: 4.8 TB/s HBM3e, 989 TFLOPS bf16 dense, NVLink4 450 GB/s per direction; "
+        "t_sync 5 us: an assumption (the report's NVLink figure, §3.1.2), not measured on H200 NVLink",
     ),
 }  # fmt: skip
 

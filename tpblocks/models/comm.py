@@ -128,7 +128,11 @@ class Communicator:
 
     def _lane_gather_disabled(self, x_bsf: torch.Tensor) -> torch.Tensor:
         # Without communication a rank only has its own slices; keep shapes right by repeating them.
-        return x_bsf.repeat_interleave(self.lane_world, dim=-1) if self.lane_world > 1 else x_bsf
+        # expand, not repeat_interleave(int): the latter may read its output size back from the device (a host sync,
+        # which breaks CUDA-graph capture of a no-communication decode step); the result is the same.
+        if self.lane_world == 1:
+            return x_bsf
+        return x_bsf.unsqueeze(-1).expand(*x_bsf.shape, self.lane_world).flatten(-2)
 
     def _lane_sum_start(self, x_lbsd: torch.Tensor) -> PendingSum:
         return PendingSum(x_lbsd.sum(0))
