@@ -328,7 +328,7 @@ def _row(label: str, f: dict) -> dict:
         "MB/rank": f"{f['bytes_per_rank'] / 1e6:.1f}",
         "syncs/tok": f"{f['syncs_measured']:g}",
         "Eq.": f["syncs_formula"],
-        "ms/tok": f"{f['measured_s'] * 1e3:.2f}",
+        "ms/step": f"{f['measured_s'] * 1e3:.2f}",
         "p10 ms": f"{f['measured_p10_s'] * 1e3:.2f}",
         "tok/s": f"{f['tokens_per_s']:.0f}",
         "GB/s": f"{f['achieved_gbs']:.2f}",
