@@ -3,6 +3,7 @@ the printed launch/generate.py command reproduces, and launch/report.py on run d
 
 from __future__ import annotations
 
+import ast
 import json
 import shlex
 import subprocess
@@ -88,12 +89,13 @@ def test_main_job_ends_with_a_curve_and_a_sample_the_printed_command_reproduces(
     proc = launch(tiny_overrides(tiny_data, run_dir, **{"train.sample_prompt": "'The object'"}))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (run_dir / CURVE_NAME).read_bytes()[:8] == PNG_MAGIC
-    head, _, rest = proc.stderr.partition("greedy sample (")
-    assert rest, proc.stderr[-3000:]
-    block, _, command = rest.partition("\nmore: ")
-    sample = "\n".join(line[2:] for line in block.split("\n")[1:])  # indented by 2 under the header line
+    lines = proc.stderr.splitlines()
+    at = next((i for i, line in enumerate(lines) if line.startswith("greedy sample (")), None)
+    assert at is not None, proc.stderr[-3000:]
+    sample = ast.literal_eval(lines[at].partition("): ")[2])
+    command = lines[at + 1].removeprefix("more: ")
     assert sample.startswith("The object") and len(sample) > len("The object")
-    argv = shlex.split(command.splitlines()[0])
+    argv = shlex.split(command)
     assert argv[:2] == ["python", "launch/generate.py"] and argv[2] == f"checkpoint={run_dir}"
     gen = subprocess.run([sys.executable, *argv[1:]], cwd=REPO, env=child_env(), capture_output=True, text=True,
                          timeout=300)  # fmt: skip

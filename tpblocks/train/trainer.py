@@ -431,8 +431,8 @@ class Trainer:
         except Exception as err:
             _say(env, f"sample not generated: {type(err).__name__}: {err}")
             return
-        sample = text.replace("\n", "\n  ")
-        _say(env, f"greedy sample ({n} tokens after {train.sample_prompt!r}):\n  {sample}")
+        # repr: one line, and a young model's favourite output (newlines, spaces) stays visible
+        _say(env, f"greedy sample ({n} tokens after {train.sample_prompt!r}): {text!r}")
         _say(env, f"more: {generate_command(self.run_dir, train.sample_prompt, n)}")
 
     def _summary(self, status: str, error: str | None) -> dict:
