@@ -9,6 +9,7 @@ Submit (one command per sweep)::
 Report::
 
     python launch/report.py outputs/sweeps/lane_count_tiny_20260101-120000 [more sweep or run dirs] [--out DIR]
+    python launch/report.py <run_dir> [more run dirs]      # only runs: each one's loss_curve.png
 """
 
 from __future__ import annotations
@@ -21,9 +22,7 @@ from pathlib import Path
 from typing import Any
 
 # The report needs neither torch nor the grids: those are imported by the submit path only.
-from tpblocks.train.run_report import is_run_dir
-
-from .collect import collect, format_table, write_csv
+from .collect import collect, format_table, is_run_dir, write_csv
 from .manifest import DEFAULT_ENTRY, REPO
 
 EXPERIMENT_DIR = REPO / "conf" / "experiment"
@@ -203,7 +202,7 @@ def report_main(argv: list[str] | None = None) -> int:
 
 def _run_curves(paths: list[str], out: str | None) -> int:
     """Run directories only: each one's loss curve (into the run dir, or ``--out/<run name>_loss_curve.png``)."""
-    from tpblocks.train.run_report import CURVE_NAME, plot_run
+    from tpblocks.train.run_report import CURVE_NAME, plot_run  # the trainer's own plot (imports torch)
 
     for path in map(Path, paths):
         target = Path(out) / f"{path.resolve().name}_{CURVE_NAME}" if out else None

@@ -21,11 +21,6 @@ CURVE_NAME = "loss_curve.png"
 REPO = Path(__file__).resolve().parents[2]
 
 
-def is_run_dir(path: str | os.PathLike) -> bool:
-    """A training run's own directory (it holds metrics.jsonl), as opposed to a sweep or a directory of runs."""
-    return (Path(path) / "metrics.jsonl").is_file()
-
-
 def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
     """(tokens, values) of the records carrying a finite ``key`` (NaN/inf are stored as strings: skipped)."""
     xs, ys = [], []
