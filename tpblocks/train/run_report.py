@@ -13,6 +13,8 @@ import json
 import math
 import os
 import shlex
+import shutil
+import sys
 from pathlib import Path
 
 from .metrics import read_metrics
@@ -108,16 +110,26 @@ def greedy_sample(model_path: str | os.PathLike, tokenizer_path: str | os.PathLi
 
 
 def _shown(path: Path) -> str:
-    """``path`` relative to the working directory when it lies below it (shorter to copy), else absolute."""
-    path = path.resolve()
+    """``path`` relative to the working directory when it lies below it (shorter to copy), else absolute.
+    Symlinks are kept: a venv's python is a link to the base interpreter, which lacks the venv's packages."""
+    path = Path(os.path.abspath(path))
     try:
-        return str(path.relative_to(Path.cwd()))
+        return str(path.relative_to(Path(os.path.abspath(Path.cwd()))))
     except ValueError:
         return str(path)
+
+
+def _python() -> str:
+    """``python`` when that is this interpreter on PATH (e.g. an activated venv), else this interpreter's path:
+    launch/quickstart.py runs the job with .venv's python without activating it."""
+    found = shutil.which("python")
+    if found and os.path.abspath(found) == os.path.abspath(sys.executable):
+        return "python"
+    return _shown(Path(sys.executable))
 
 
 def generate_command(run_dir: str | os.PathLike, prompt: str, max_new_tokens: int) -> str:
     """The shell line that decodes from the run's latest checkpoint exactly as ``greedy_sample`` did."""
     script = _shown(REPO / "launch" / "generate.py")
     args = [f"checkpoint={_shown(Path(run_dir))}", f"prompt={prompt}", f"max_new_tokens={max_new_tokens}"]
-    return shlex.join(["python", script, *args])
+    return shlex.join([_python(), script, *args])
