@@ -169,12 +169,16 @@ class TrainConfig:
     resume: str = "auto"  # auto = latest complete checkpoint of run_dir if any; none = start fresh; or a path
     compile: bool = False  # torch.compile the model (worth it on GPU; cold compiles cost minutes on CPU)
     progress: bool = True  # tqdm bar on rank 0
+    # End of a completed run (rank 0): <run_dir>/loss_curve.png, then a greedy sample of this many tokens from the
+    # final checkpoint after ``sample_prompt``, and the launch/generate.py command to continue. 0 = no sample.
+    sample_tokens: int = 32
+    sample_prompt: str = "The"
 
     def __post_init__(self) -> None:
         check_fields(self, "train")
         _positive("train", self, "max_steps", "tokens_per_step", "micro_batch", "eval_tokens", "eval_batch")
         _positive("train", self, "log_every", "keep_checkpoints")
-        for name in ("eval_every", "checkpoint_every"):
+        for name in ("eval_every", "checkpoint_every", "sample_tokens"):
             value = getattr(self, name)
             _require(value >= 0, f"train.{name}={value} must be >= 0 (0 disables it)")
         _require(self.precision in PRECISIONS, f"train.precision={self.precision!r} must be one of {PRECISIONS}")

@@ -9,6 +9,7 @@ Submit (one command per sweep)::
 Report::
 
     python launch/report.py outputs/sweeps/lane_count_tiny_20260101-120000 [more sweep or run dirs] [--out DIR]
+    python launch/report.py <run_dir> [more run dirs]      # only runs: each one's loss_curve.png
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 # The report needs neither torch nor the grids: those are imported by the submit path only.
-from .collect import collect, format_table, write_csv
+from .collect import collect, format_table, is_run_dir, write_csv
 from .manifest import DEFAULT_ENTRY, REPO
 
 EXPERIMENT_DIR = REPO / "conf" / "experiment"
@@ -163,11 +164,13 @@ def _submit(args: argparse.Namespace) -> int:
 
 def report_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="launch/report.py", description="Gather run directories into a CSV and plots.")
-    p.add_argument("paths", nargs="+", help="sweep directories (with manifest.json) or directories of runs")
-    p.add_argument("--out", default=None, help="output directory (default: <first path>/report)")
+    p.add_argument("paths", nargs="+", help="sweep directories (with manifest.json), directories of runs, or runs")
+    p.add_argument("--out", default=None, help="output directory (default: <first path>/report; a run's: itself)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--decode", default=None, help="benchmarks/decode_schedules.py JSON: plot loss vs decode latency")
     args = p.parse_args(argv)
+    if all(is_run_dir(path) for path in args.paths):
+        return _run_curves(args.paths, args.out)
     try:
         rows = collect(args.paths)
     except ValueError as err:
@@ -194,4 +197,20 @@ def report_main(argv: list[str] | None = None) -> int:
     for row in rows:
         counts[row.get("status", "?")] = counts.get(row.get("status", "?"), 0) + 1
     print("status: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    return 0
+
+
+def _run_curves(paths: list[str], out: str | None) -> int:
+    """Run directories only: each one's loss curve (into the run dir, or ``--out/<run name>_loss_curve.png``)."""
+    from tpblocks.train.run_report import CURVE_NAME, plot_run  # the trainer's own plot (imports torch)
+
+    for path in map(Path, paths):
+        target = Path(out) / f"{path.resolve().name}_{CURVE_NAME}" if out else None
+        if target is not None:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            print(f"plot -> {plot_run(path, target)}")
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     return 0

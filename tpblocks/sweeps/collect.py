@@ -117,6 +117,11 @@ def _model_columns(model: dict[str, Any] | None) -> dict[str, Any]:
     return out
 
 
+def is_run_dir(path: str | Path) -> bool:
+    """A training run's own directory (it holds metrics.jsonl), as opposed to a sweep or a directory of runs."""
+    return (Path(path) / "metrics.jsonl").is_file()
+
+
 def collect(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
     """One row per point of every sweep given (manifest order), or per run directory found."""
     rows: list[dict[str, Any]] = []

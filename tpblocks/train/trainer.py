@@ -429,7 +429,33 @@ class Trainer:
                 f"{_fmt(self.last_eval_loss)}, {summary['wall_s']:.1f} s | run dir: {self.run_dir}",
             )
             _shutdown(getattr(self, "backend", None), clean=status == "completed")
+        if env.is_main:
+            self._end_of_run(status)
         return summary
+
+    def _end_of_run(self, status: str) -> None:
+        """Rank 0, after teardown (no peer waits on it): the loss curve, and after a completed run a greedy sample
+        from the final checkpoint and the command that goes on from it. Nothing here may fail a finished run, so
+        a problem is reported in one line, not raised."""
+        from .run_report import generate_command, greedy_sample, plot_run
+
+        env, train = self.env, self.cfg.train
+        try:
+            _say(env, f"loss curve: {plot_run(self.run_dir)}")
+        except Exception as err:  # a missing plot is worth a line, not a failed run
+            _say(env, f"loss curve not written: {type(err).__name__}: {err}")
+        latest = ckpt_io.latest_checkpoint(self.run_dir)
+        if status != "completed" or not train.sample_tokens or latest is None:
+            return
+        try:
+            text, n = greedy_sample(latest / "model.pt", self.prepared.tokenizer_path, train.sample_prompt,
+                                    train.sample_tokens)  # fmt: skip
+        except Exception as err:
+            _say(env, f"sample not generated: {type(err).__name__}: {err}")
+            return
+        # repr: one line, and a young model's favourite output (newlines, spaces) stays visible
+        _say(env, f"greedy sample ({n} tokens after {train.sample_prompt!r}): {text!r}")
+        _say(env, f"more: {generate_command(self.run_dir, train.sample_prompt, n)}")
 
     def _summary(self, status: str, error: str | None) -> dict:
         m = self.cfg.model
