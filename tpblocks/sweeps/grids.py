@@ -15,7 +15,7 @@ Grids (report section / figure):
   aspect_ratio    §6.3 / Fig. 19  4 lanes, 1 TP block, 1 classic, lane depth swept (aspect = lane width / depth)
   tp_blocks       §6.4 / Fig. 20  number of TP blocks with lane depth x blocks = 12, 1 classic after each
   classic_layers  §6.5 / Fig. 21  4 TP blocks of 4 lanes of depth 3, {1,2,3,4} classic layers after each
-  delayed_comm    §6.6 / Fig. 22  start {0,1,2} x interleave {0..3} x length {1,2,4,6}
+  delayed_comm    §6.6 / Fig. 22  start {0,1,2} x interleave {0..3} x length {1,2,4,6} (x comm_reception)
   seed_variance   §5.3.4 / Fig. 17b,d  N seeds x {cosine, wsd} x {burger, llama}
 """
 
@@ -339,13 +339,15 @@ def classic_layers_grid(scale: Scale, values: dict[str, list[Any]]) -> list[Swee
 
 
 def delayed_comm_grid(scale: Scale, values: dict[str, list[Any]]) -> list[SweepPoint]:
-    """§6.6 / Fig. 22: every (start, interleave, length); points whose first send cannot be received inside
-    the lane depth are invalid (ModelConfig raises) and recorded as such."""
+    """§6.6 / Fig. 22: every (start, interleave, length), per ``comm_reception`` (gated default; the report
+    summed); points whose first send cannot be received inside the lane depth are invalid (ModelConfig
+    raises) and recorded as such."""
     train = train_overrides(scale)
     depth = int(_values(values, "lane_depth", [scale.delayed_lane_depth])[0])
-    reception = _values(values, "comm_reception", ["gated"])[0]
     points = []
-    for recipe in _values(values, "recipe", ["sandwich"]):
+    for recipe, reception in itertools.product(
+        _values(values, "recipe", ["sandwich"]), _values(values, "comm_reception", ["gated"])
+    ):
         axes = itertools.product(
             _values(values, "comm_start", [0, 1, 2]),
             _values(values, "comm_interleave", [0, 1, 2, 3]),
@@ -354,11 +356,13 @@ def delayed_comm_grid(scale: Scale, values: dict[str, list[Any]]) -> list[SweepP
         for start, inter, length in axes:
             coords = {"recipe": recipe, "comm_start": int(start), "comm_interleave": int(inter),
                       "comm_length": int(length)}  # fmt: skip
+            if reception != "gated":  # the default reception keeps the report's point names
+                coords["comm_reception"] = reception
             points.append(make_point(
                 coords,
-                lambda r=recipe, s=int(start), i=int(inter), n=int(length): tp_model(
+                lambda r=recipe, s=int(start), i=int(inter), n=int(length), rec=reception: tp_model(
                     scale, recipe=r, lane_count=4, lane_depth=depth, delayed_comm=True, comm_start=s,
-                    comm_interleave=i, comm_length=n, comm_reception=reception,
+                    comm_interleave=i, comm_length=n, comm_reception=rec,
                 ),
                 train,
             ))  # fmt: skip
@@ -396,8 +400,8 @@ def with_seeds(points: Sequence[SweepPoint], seeds: Sequence[int]) -> list[Sweep
     """Every point once per seed (model initialisation; the data order stays fixed): ``--set seed=0,1,2`` on
     any grid, for the seed spread beside its differences. The seed becomes a coordinate and the name's tail."""
     out = []
-    for point in points:
-        for seed in seeds:
+    for seed in seeds:  # seed-major: an array cut short still holds whole grids, one per finished seed
+        for point in points:
             coords = {**point.coords, "seed": seed}
             train = (*point.train_overrides, f"seed={seed}") if point.valid else ()
             out.append(dataclasses.replace(point, name=point_name(coords), coords=coords, train_overrides=train))
