@@ -22,6 +22,7 @@ from typing import Any
 
 # The report needs neither torch nor the grids: those are imported by the submit path only.
 from .collect import collect, format_table, write_csv
+from .findings import write_findings
 from .manifest import DEFAULT_ENTRY, REPO
 
 EXPERIMENT_DIR = REPO / "conf" / "experiment"
@@ -166,6 +167,8 @@ def report_main(argv: list[str] | None = None) -> int:
     p.add_argument("paths", nargs="+", help="sweep directories (with manifest.json) or directories of runs")
     p.add_argument("--out", default=None, help="output directory (default: <first path>/report)")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--loss", choices=("train", "eval"), default="train",
+                   help="final loss of the figures and findings.md: training (the report's) or held-out")  # fmt: skip
     p.add_argument("--decode", default=None, help="benchmarks/decode_schedules.py JSON: plot loss vs decode latency")
     args = p.parse_args(argv)
     try:
@@ -177,10 +180,12 @@ def report_main(argv: list[str] | None = None) -> int:
     csv_path = write_csv(rows, out / "results.csv")
     print(format_table(rows))
     print(f"\n{len(rows)} rows -> {csv_path}")
+    loss = f"final_{args.loss}_loss"
+    print(f"findings -> {write_findings(rows, out / 'findings.md', loss)}")
     if not args.no_plots:
         from .plots import plot_sweep
 
-        for path in plot_sweep(rows, out):
+        for path in plot_sweep(rows, out, loss):
             print(f"plot -> {path}")
     if args.decode:  # quality-speed frontier of the communication schedules (tpblocks/sweeps/frontier.py)
         from .frontier import frontier_figure, frontier_points
