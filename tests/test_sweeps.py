@@ -338,3 +338,13 @@ def test_findings_verdicts_and_report_command(tmp_path):
     assert "| burger_L4 | 3 | 3.5700 | 3.5500 | 3.5900 |" in text  # eval = final + 0.1, seeds 0..2
     for name in ("fig18_lane_count.png", "fig18_lane_count_curves.png", "fig17d_lane_count_extremum.png"):
         assert (tmp_path / "rep" / name).stat().st_size > 10_000, name
+
+
+def test_manifest_records_the_commit_of_the_checkout(tmp_path):
+    from tpblocks.sweeps.submit import git_state
+
+    assert git_state(tmp_path) == {}  # not a git checkout: nothing recorded, no error
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    m = _manifest(tmp_path)
+    assert len(m.extra["commit"]) == 40 and isinstance(m.extra["dirty"], bool)

@@ -132,6 +132,11 @@ def _submit(args: argparse.Namespace) -> int:
     for point in manifest.invalid:
         print(f"  invalid {point.name}: {point.reason}")
     print(f"manifest: {manifest.path}")
+    if manifest.extra.get("dirty"):
+        # Seen with tens of queued runs: each task imports the checkout when it *starts*, so edits made
+        # while the array waits change the later runs without any trace in their configs.
+        print(f"warning: {manifest.extra['repo']} has uncommitted changes; queued tasks import the code when they "
+              "start, so keep the checkout unchanged until the sweep ends (or submit from a clean copy)")  # fmt: skip
     if args.dry_run:
         if args.backend == "sbatch":
             print(submit_sbatch(manifest, res, dry_run=True))

@@ -239,6 +239,20 @@ def wait_for_array(job_id: str, timeout_s: float, poll_s: float = 2.0) -> None:
         time.sleep(poll_s)
 
 
+def git_state(repo: Path) -> dict[str, Any]:
+    """The checkout's commit and whether tracked files differ from it; {} outside a git checkout."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=True).stdout
+
+    try:
+        return {"commit": git("rev-parse", "HEAD").strip(), "dirty": bool(git("status", "--porcelain", "-uno").strip())}
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+
+
 def with_repo(manifest: Manifest) -> Manifest:
-    """Record the submitting checkout, so tasks find the training script wherever they run."""
-    return manifest.replace(extra={**manifest.extra, "repo": str(REPO), "submit_cwd": os.getcwd()})
+    """Record the submitting checkout (and its commit), so tasks find the training script wherever they run and
+    the results say which code trained them."""
+    extra = {**manifest.extra, "repo": str(REPO), "submit_cwd": os.getcwd(), **git_state(REPO)}
+    return manifest.replace(extra=extra)
