@@ -348,3 +348,22 @@ def test_manifest_records_the_commit_of_the_checkout(tmp_path):
         pytest.skip("not a git checkout")
     m = _manifest(tmp_path)
     assert len(m.extra["commit"]) == 40 and isinstance(m.extra["dirty"], bool)
+
+
+def test_rerun_submits_only_the_unfinished_tasks(tmp_path):
+    from tpblocks.sweeps.submit import unfinished_tasks
+
+    m = _manifest(tmp_path)  # sandwich L1, L2, L4
+    _fake_run(Path(m.tasks[0].run_dir), [5.0, 4.0])
+    _fake_run(Path(m.tasks[1].run_dir), [5.0], status="failed", error="killed")
+    assert unfinished_tasks(m) == [1, 2]  # failed, never started
+    assert unfinished_tasks(m, ["sandwich_L1"]) == [0]
+    with pytest.raises(ValueError, match="no task named nope"):
+        unfinished_tasks(m, ["nope"])
+    cmd = sbatch_command(m, SlurmResources(max_parallel=1), indices=[2, 1])
+    assert "--array=1,2%1" in cmd
+    with pytest.raises(ValueError, match="outside this sweep"):
+        sbatch_command(m, SlurmResources(), indices=[7])
+    out = subprocess.run([sys.executable, "launch/slurm/submit.py", m.sweep_dir, "--rerun", "--dry-run"],
+                         capture_output=True, text=True, cwd=REPO)  # fmt: skip
+    assert out.returncode == 0 and "--array=1,2 " in out.stdout, out.stderr
