@@ -367,3 +367,15 @@ def test_rerun_submits_only_the_unfinished_tasks(tmp_path):
     out = subprocess.run([sys.executable, "launch/slurm/submit.py", m.sweep_dir, "--rerun", "--dry-run"],
                          capture_output=True, text=True, cwd=REPO)  # fmt: skip
     assert out.returncode == 0 and "--array=1,2 " in out.stdout, out.stderr
+
+
+def test_findings_decide_nothing_without_a_measured_seed_spread(tmp_path):
+    from tpblocks.sweeps.findings import findings
+
+    m = _manifest(tmp_path, values={"lane_count": [1, 8], "recipe": ["sandwich"]})
+    _fake_run(Path(m.tasks[0].run_dir), [5.0, 3.0], eval_loss=3.0)
+    _fake_run(Path(m.tasks[1].run_dir), [5.0, 3.5], eval_loss=3.5)
+    found, note = findings(collect([m.sweep_dir]))
+    assert "unmeasured" in note
+    [lanes] = [f for f in found if f.finding == "Fig. 18: more lanes -> higher loss (Sandwich)"]
+    assert lanes.verdict.startswith("too small to decide") and "spread inf" in lanes.evidence

@@ -70,10 +70,10 @@ def configurations(rows: Sequence[dict[str, Any]], loss: str = "final_eval_loss"
 
 
 def seed_spread(configs: dict[str, Config]) -> tuple[float, str]:
-    """The largest measured seed spread and where it was measured (0 when no configuration has 2+ seeds)."""
+    """The largest measured seed spread and where it was measured (inf when no configuration has 2+ seeds)."""
     multi = [c for c in configs.values() if len(c.losses) > 1]
-    if not multi:
-        return 0.0, "no configuration has more than one seed: spread unmeasured"
+    if not multi:  # nothing can be decided: every difference is "within" an unknown spread
+        return math.inf, "no configuration has more than one seed: spread unmeasured"
     worst = max(multi, key=lambda c: c.spread)
     return worst.spread, f"largest seed spread {worst.spread:.3f} ({worst.label}, n={len(worst.losses)})"
 
@@ -120,7 +120,7 @@ def same_at_one_lane(configs: dict[str, Config], fallback: float) -> Finding:
     if s is None or b is None:
         return Finding(finding=title, verdict="not run", evidence="missing runs")
     diff, margin = b.mean - s.mean, _margin(s, b, fallback)
-    verdict = "yes" if abs(diff) <= margin else "no"
+    verdict = "too small to decide" if math.isinf(margin) else "yes" if abs(diff) <= margin else "no"
     evidence = f"burger_L1 - sandwich_L1 = {diff:+.4f} vs spread {margin:.3f}"
     return Finding(finding=title, verdict=verdict, evidence=evidence)
 
@@ -226,8 +226,29 @@ def findings_markdown(rows: Sequence[dict[str, Any]], loss: str = "final_eval_lo
         "|---|---|---|---|---|",
         *(f"| {c.label} | {len(c.losses)} | {c.mean:.4f} | {min(c.losses):.4f} | {max(c.losses):.4f} |"
           for c in sorted(configs.values(), key=lambda c: c.label)),
+        "",
+        *runs_markdown(rows),
     ]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def runs_markdown(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per run (any status): size, losses, wall time -- the table's raw material."""
+
+    def cell(value: Any, fmt: str = "") -> str:
+        if value in (None, ""):
+            return ""
+        return format(value, fmt) if fmt and isinstance(value, (int, float)) else str(value)
+
+    lines = ["| run | status | params | hidden | lane width | final eval loss | final train loss | steps | wall s |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        lines.append(
+            f"| {r.get('name')} | {r.get('status')} | {cell(r.get('params'), ',')} | {cell(r.get('hidden_size'))} | "
+            f"{cell(r.get('lane_hidden_size'))} | {cell(r.get('final_eval_loss'), '.4f')} | "
+            f"{cell(r.get('final_train_loss'), '.4f')} | {cell(r.get('step'))} | {cell(r.get('wall_s'), '.0f')} |"
+        )
+    return lines
 
 
 def write_findings(rows: Sequence[dict[str, Any]], path: str | Path, loss: str = "final_eval_loss") -> Path:
