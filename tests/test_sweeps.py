@@ -325,6 +325,10 @@ def test_findings_verdicts_and_report_command(tmp_path):
     assert verdict["Fig. 18: one lane, Sandwich = Burger (no prepare/merge)"] == "yes"
     assert verdict["Fig. 18: Sandwich below Burger at every lane count"] == "mixed"  # L8: burger below sandwich
     assert verdict["Fig. 17d: llama and burger_L4 separated beyond seed noise (Eq. 12 > 0)"] == "yes"
+    # a Burger grid without its one-lane point borrows the Sandwich's: with one lane they are the same model
+    rows_no_b1 = [r for r in rows if r["name"] != "burger_L1_seed0"]
+    [burger] = [f for f in findings(rows_no_b1)[0] if f.finding == "Fig. 18: more lanes -> higher loss (Burger)"]
+    assert burger.verdict == "no" and "L1 = sandwich_L1" in burger.evidence
     # within the seed spread: not decided, direction said
     close = _lane_sweep_with_seeds(tmp_path / "close", {**losses, "burger_L4": 3.31})
     verdict = {f.finding: f.verdict for f in findings(collect([close.sweep_dir]))[0]}

@@ -100,6 +100,9 @@ def _verdict(diffs: Sequence[float], margins: Sequence[float]) -> str:
 def lane_count_finding(configs: dict[str, Config], recipe: str, fallback: float) -> Finding:
     """Fig. 18: more lanes -> higher loss."""
     by_lanes = {int(m.group(1)): c for label, c in configs.items() if (m := re.fullmatch(rf"{recipe}_L(\d+)", label))}
+    other = configs.get(f"{'burger' if recipe == 'sandwich' else 'sandwich'}_L1")
+    if 1 not in by_lanes and other is not None:  # one lane: both recipes build the same model (no split/merge)
+        by_lanes[1] = other
     title = f"Fig. 18: more lanes -> higher loss ({recipe.capitalize()})"
     if len(by_lanes) < 2:
         return Finding(finding=title, verdict="not run", evidence=f"{len(by_lanes)} lane count(s) completed")
@@ -108,6 +111,8 @@ def lane_count_finding(configs: dict[str, Config], recipe: str, fallback: float)
     diff, margin = last.mean - first.mean, _margin(first, last, fallback)
     monotone = all(by_lanes[b].mean > by_lanes[a].mean for a, b in zip(lanes, lanes[1:]))
     values = ", ".join(f"L{n} {by_lanes[n].text()}" for n in lanes)
+    if not by_lanes[lanes[0]].label.startswith(recipe):
+        values += f" (L1 = {by_lanes[lanes[0]].label}: with one lane the recipes are the same model)"
     evidence = (f"{values}; L{lanes[-1]} - L{lanes[0]} = {diff:+.3f} vs spread {margin:.3f}; "
                 f"{'rising at every step' if monotone else 'not monotone'}")  # fmt: skip
     return Finding(finding=title, verdict=_verdict([diff], [margin]), evidence=evidence)
