@@ -110,6 +110,8 @@ def line_figure(rows: Sequence[dict[str, Any]], sweep: str, path: str | Path, lo
         ax.set_xticks(xs_all)
         ax.set_xticklabels([f"{x:g}" for x in xs_all])
     ax.margins(x=0.08, y=0.15)  # room for the value labels above the points
+    if loss != LOSS:
+        title = title.replace("training loss", LOSS_LABELS.get(loss, loss).removeprefix("final "))
     _label_axes(ax, x_label, LOSS_LABELS.get(loss, loss), title)
     _not_plotted_note(fig, rows, loss)
     return _save(fig, path)
