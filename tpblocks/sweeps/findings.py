@@ -79,9 +79,9 @@ def seed_spread(configs: dict[str, Config]) -> tuple[float, str]:
 
 
 def _margin(a: Config, b: Config, fallback: float) -> float:
-    """The spread a difference between ``a`` and ``b`` must exceed: their own when measured, else the fallback."""
-    own = [c.spread for c in (a, b) if len(c.losses) > 1]
-    return max(own) if own else fallback
+    """The spread a difference between ``a`` and ``b`` must exceed: the larger of the two sides', each its own
+    when measured (2+ seeds), else the fallback (an unmeasured side is assumed as noisy as the worst measured)."""
+    return max(c.spread if len(c.losses) > 1 else fallback for c in (a, b))
 
 
 def _verdict(diffs: Sequence[float], margins: Sequence[float]) -> str:
