@@ -190,7 +190,8 @@ def test_submit_cli_dry_run_from_experiment_yaml(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- report
-def _fake_run(run_dir: Path, losses: list[float], status: str | None = "completed", error: str | None = None):
+def _fake_run(run_dir: Path, losses: list[float], status: str | None = "completed", error: str | None = None,
+              eval_loss: float | None = None):  # fmt: skip
     """A run directory as the trainer writes it (contracts.md)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     with (run_dir / "metrics.jsonl").open("w") as f:
@@ -199,7 +200,7 @@ def _fake_run(run_dir: Path, losses: list[float], status: str | None = "complete
                                 "elapsed_s": float(i)}) + "\n")  # fmt: skip
     if status is not None:
         summary = {"status": status, "step": len(losses), "final_train_loss": losses[-1] if losses else None,
-                   "final_eval_loss": None, "params": 1, "tokens_seen": 1024 * len(losses), "arch": "tp_blocks",
+                   "final_eval_loss": eval_loss, "params": 1, "tokens_seen": 1024 * len(losses), "arch": "tp_blocks",
                    "recipe": "sandwich", "lane_count": 1, "flavor": "x", "experiment": "x", "error": error,
                    "wall_s": 1.0}  # fmt: skip
         (run_dir / "summary.json").write_text(json.dumps(summary))
@@ -269,3 +270,116 @@ def test_get_flavor_bases_exist():
 
     for flavor in BASE_FLAVORS.values():
         get_flavor(flavor)
+
+
+# ---------------------------------------------------------------------------------------------- seeds, laptop, findings
+def test_seed_axis_repeats_every_point_of_any_grid():
+    points = expand("lane_count", TINY, {"lane_count": [4], "recipe": ["burger", "llama"], "seed": [1, 2]})
+    assert [p.name for p in points] == ["burger_L4_seed1", "llama_seed1", "burger_L4_seed2", "llama_seed2"]
+    assert all(p.train_overrides[-1] == f"seed={p.coords['seed']}" for p in points)
+    assert points[0].model == points[2].model  # same model, only the initialisation differs
+    # seed_variance keeps its own seed axis (one run per seed, not seeds x seeds)
+    assert len(expand("seed_variance", TINY, {"seed": [0, 1], "scheduler": ["cosine"], "arch": ["llama"]})) == 2
+
+
+def test_delayed_grid_reception_axis():
+    points = expand("delayed_comm", TINY, {"comm_start": [0], "comm_interleave": [0], "comm_length": [1],
+                                           "comm_reception": ["sum", "gated"]})  # fmt: skip
+    assert [p.name for p in points] == ["sandwich_s0_i0_n1_sum", "sandwich_s0_i0_n1"]
+    assert [p.model.comm_reception for p in points] == ["sum", "gated"]
+
+
+def test_laptop_scale_points():
+    laptop = get_scale("laptop")
+    assert laptop.seq_len == 256 and laptop.vocab_size == 4096 and laptop.max_steps * laptop.tokens_per_step > 4e5
+    assert "data=local" in laptop.overrides and any(o.startswith("data.heldout_tokens=") for o in laptop.overrides)
+    points = expand("lane_count", laptop, {"lane_count": [1, 2, 4, 8]})
+    assert len(points) == 9 and all(p.valid for p in points)
+    assert all(abs(p.n_params - 3e6) <= 0.01 * 3e6 and p.model.tie_embeddings for p in points)
+
+
+def _lane_sweep_with_seeds(tmp_path, losses: dict[str, float], spread: float = 0.02):
+    """lane_count L1/L2/L4/L8 x {sandwich, burger} + Llama; L4 and Llama also with seeds 1 and 2."""
+    main = expand("lane_count", TINY, {"lane_count": [1, 2, 4, 8], "seed": [0]})
+    extra = expand("lane_count", TINY, {"lane_count": [4], "seed": [1, 2]})
+    m = with_repo(build_manifest("lane_count", TINY, main + extra, tmp_path / "sweep"))
+    m.write()
+    for t in m.tasks:
+        final = losses[t.name.rsplit("_seed", 1)[0]] + spread * t.coords["seed"]
+        _fake_run(Path(t.run_dir), [final + 2.0, final + 1.0, final + 0.5, final], eval_loss=final + 0.1)
+    return m
+
+
+def test_findings_verdicts_and_report_command(tmp_path):
+    from tpblocks.sweeps.findings import findings
+
+    losses = {"llama": 3.0, "sandwich_L1": 3.10, "burger_L1": 3.10, "sandwich_L2": 3.2, "sandwich_L4": 3.3,
+              "sandwich_L8": 3.4, "burger_L2": 3.5, "burger_L4": 3.45, "burger_L8": 3.0}  # fmt: skip
+    m = _lane_sweep_with_seeds(tmp_path, losses)
+    rows = collect([m.sweep_dir])
+    found, note = findings(rows)
+    verdict = {f.finding: f.verdict for f in found}
+    assert "0.040" in note  # spread = 2 x 0.02 over seeds 0..2
+    assert verdict["Fig. 18: more lanes -> higher loss (Sandwich)"] == "yes"
+    assert verdict["Fig. 18: more lanes -> higher loss (Burger)"] == "no"  # L8 below L1 beyond the spread
+    assert verdict["Fig. 18: one lane, Sandwich = Burger (no prepare/merge)"] == "yes"
+    assert verdict["Fig. 18: Sandwich below Burger at every lane count"] == "mixed"  # L8: burger below sandwich
+    assert verdict["Fig. 17d: llama and burger_L4 separated beyond seed noise (Eq. 12 > 0)"] == "yes"
+    # a Burger grid without its one-lane point borrows the Sandwich's: with one lane they are the same model
+    rows_no_b1 = [r for r in rows if r["name"] != "burger_L1_seed0"]
+    [burger] = [f for f in findings(rows_no_b1)[0] if f.finding == "Fig. 18: more lanes -> higher loss (Burger)"]
+    assert burger.verdict == "no" and "L1 = sandwich_L1" in burger.evidence
+    # within the seed spread: not decided, direction said
+    close = _lane_sweep_with_seeds(tmp_path / "close", {**losses, "burger_L4": 3.31})
+    verdict = {f.finding: f.verdict for f in findings(collect([close.sweep_dir]))[0]}
+    assert verdict["Fig. 18: Sandwich below Burger at 4 lanes"].startswith("too small to decide (direction as")
+
+    out = subprocess.run([sys.executable, "launch/report.py", m.sweep_dir, "--out", str(tmp_path / "rep"), "--loss",
+                          "eval"], capture_output=True, text=True, cwd=REPO)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    text = (tmp_path / "rep" / "findings.md").read_text()
+    assert "| Fig. 18: more lanes -> higher loss (Sandwich) | yes |" in text and "final_eval_loss" in text
+    assert "| burger_L4 | 3 | 3.5700 | 3.5500 | 3.5900 |" in text  # eval = final + 0.1, seeds 0..2
+    for name in ("fig18_lane_count.png", "fig18_lane_count_curves.png", "fig17d_lane_count_extremum.png"):
+        assert (tmp_path / "rep" / name).stat().st_size > 10_000, name
+
+
+def test_manifest_records_the_commit_of_the_checkout(tmp_path):
+    from tpblocks.sweeps.submit import git_state
+
+    assert git_state(tmp_path) == {}  # not a git checkout: nothing recorded, no error
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    m = _manifest(tmp_path)
+    assert len(m.extra["commit"]) == 40 and isinstance(m.extra["dirty"], bool)
+
+
+def test_rerun_submits_only_the_unfinished_tasks(tmp_path):
+    from tpblocks.sweeps.submit import unfinished_tasks
+
+    m = _manifest(tmp_path)  # sandwich L1, L2, L4
+    _fake_run(Path(m.tasks[0].run_dir), [5.0, 4.0])
+    _fake_run(Path(m.tasks[1].run_dir), [5.0], status="failed", error="killed")
+    assert unfinished_tasks(m) == [1, 2]  # failed, never started
+    assert unfinished_tasks(m, ["sandwich_L1"]) == [0]
+    with pytest.raises(ValueError, match="no task named nope"):
+        unfinished_tasks(m, ["nope"])
+    cmd = sbatch_command(m, SlurmResources(max_parallel=1), indices=[2, 1])
+    assert "--array=1,2%1" in cmd
+    with pytest.raises(ValueError, match="outside this sweep"):
+        sbatch_command(m, SlurmResources(), indices=[7])
+    out = subprocess.run([sys.executable, "launch/slurm/submit.py", m.sweep_dir, "--rerun", "--dry-run"],
+                         capture_output=True, text=True, cwd=REPO)  # fmt: skip
+    assert out.returncode == 0 and "--array=1,2 " in out.stdout, out.stderr
+
+
+def test_findings_decide_nothing_without_a_measured_seed_spread(tmp_path):
+    from tpblocks.sweeps.findings import findings
+
+    m = _manifest(tmp_path, values={"lane_count": [1, 8], "recipe": ["sandwich"]})
+    _fake_run(Path(m.tasks[0].run_dir), [5.0, 3.0], eval_loss=3.0)
+    _fake_run(Path(m.tasks[1].run_dir), [5.0, 3.5], eval_loss=3.5)
+    found, note = findings(collect([m.sweep_dir]))
+    assert "unmeasured" in note
+    [lanes] = [f for f in found if f.finding == "Fig. 18: more lanes -> higher loss (Sandwich)"]
+    assert lanes.verdict.startswith("too small to decide") and "spread inf" in lanes.evidence

@@ -23,6 +23,7 @@ from typing import Any
 
 # The report needs neither torch nor the grids: those are imported by the submit path only.
 from .collect import collect, format_table, is_run_dir, write_csv
+from .findings import write_findings
 from .manifest import DEFAULT_ENTRY, REPO
 
 EXPERIMENT_DIR = REPO / "conf" / "experiment"
@@ -76,6 +77,10 @@ def submit_parser() -> argparse.ArgumentParser:
     p.add_argument("--account", default=None)
     p.add_argument("--max-parallel", type=int, default=None, help="array throttle: at most N tasks at once")
     p.add_argument("--sbatch-arg", action="append", default=[], help="extra sbatch flag, verbatim (repeatable)")
+    p.add_argument("--rerun", action="store_true",
+                   help="SWEEP is an existing sweep directory whose arrays have ended: submit again its tasks that did "
+                   "not complete (sbatch)")
+    p.add_argument("--only", action="append", default=[], metavar="NAME", help="with --rerun: just these tasks")
     p.add_argument("--dry-run", action="store_true", help="write the manifest and print the submit command only")
     p.add_argument("--wait", action="store_true", help="block until every task has ended")
     p.add_argument("--timeout", type=float, default=24 * 3600, help="--wait limit in seconds")
@@ -92,11 +97,46 @@ def submit_main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _resources(args: argparse.Namespace):
+    from .submit import SlurmResources
+
+    return SlurmResources(
+        nodes=args.nodes, gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb,
+        time=args.time, partition=args.partition, account=args.account, max_parallel=args.max_parallel,
+        extra=tuple(args.sbatch_arg),
+    )  # fmt: skip
+
+
+def _rerun(args: argparse.Namespace) -> int:
+    """Resubmit the unfinished (or ``--only``) tasks of an existing sweep, same manifest, same run dirs."""
+    from .manifest import read_manifest
+    from .submit import submit_sbatch, unfinished_tasks, wait_for_array
+
+    if args.backend != "sbatch":
+        raise ValueError("--rerun submits through sbatch only")
+    manifest = read_manifest(args.sweep)
+    indices = unfinished_tasks(manifest, [n for item in args.only for n in item.split(",") if n])
+    if not indices:
+        print(f"every task of {manifest.sweep_dir} completed: nothing to rerun")
+        return 0
+    names = ", ".join(manifest.tasks[i].name for i in indices)
+    res = _resources(args)
+    if args.dry_run:
+        print(submit_sbatch(manifest, res, dry_run=True, indices=indices))
+        return 0
+    job = submit_sbatch(manifest, res, indices=indices)
+    print(f"resubmitted {len(indices)} task(s) of {manifest.sweep_dir} as array job {job}: {names}")
+    if args.wait:
+        wait_for_array(job, args.timeout)
+    return 0
+
+
 def _submit(args: argparse.Namespace) -> int:
+    if args.rerun:
+        return _rerun(args)
     from .grids import GRIDS, expand, get_scale, parse_values
     from .manifest import build_manifest
     from .submit import (
-        SlurmResources,
         hydra_command,
         run_hydra,
         run_local,
@@ -123,15 +163,16 @@ def _submit(args: argparse.Namespace) -> int:
         grid, scale, points, sweep_dir, extra_overrides=overrides, entry=args.entry or spec.get("entry", DEFAULT_ENTRY)
     ))  # fmt: skip
     manifest.write()
-    res = SlurmResources(
-        nodes=args.nodes, gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb,
-        time=args.time, partition=args.partition, account=args.account, max_parallel=args.max_parallel,
-        extra=tuple(args.sbatch_arg),
-    )  # fmt: skip
+    res = _resources(args)
     print(f"sweep {grid} at scale {scale.name}: {len(manifest.tasks)} runs, {len(manifest.invalid)} invalid points")
     for point in manifest.invalid:
         print(f"  invalid {point.name}: {point.reason}")
     print(f"manifest: {manifest.path}")
+    if manifest.extra.get("dirty"):
+        # Seen with tens of queued runs: each task imports the checkout when it *starts*, so edits made
+        # while the array waits change the later runs without any trace in their configs.
+        print(f"warning: {manifest.extra['repo']} has uncommitted changes; queued tasks import the code when they "
+              "start, so keep the checkout unchanged until the sweep ends (or submit from a clean copy)")  # fmt: skip
     if args.dry_run:
         if args.backend == "sbatch":
             print(submit_sbatch(manifest, res, dry_run=True))
@@ -167,6 +208,8 @@ def report_main(argv: list[str] | None = None) -> int:
     p.add_argument("paths", nargs="+", help="sweep directories (with manifest.json), directories of runs, or runs")
     p.add_argument("--out", default=None, help="output directory (default: <first path>/report; a run's: itself)")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--loss", choices=("train", "eval"), default="train",
+                   help="final loss of the figures and findings.md: training (the report's) or held-out")  # fmt: skip
     p.add_argument("--decode", default=None, help="benchmarks/decode_schedules.py JSON: plot loss vs decode latency")
     args = p.parse_args(argv)
     if all(is_run_dir(path) for path in args.paths):
@@ -180,10 +223,12 @@ def report_main(argv: list[str] | None = None) -> int:
     csv_path = write_csv(rows, out / "results.csv")
     print(format_table(rows))
     print(f"\n{len(rows)} rows -> {csv_path}")
+    loss = f"final_{args.loss}_loss"
+    print(f"findings -> {write_findings(rows, out / 'findings.md', loss)}")
     if not args.no_plots:
         from .plots import plot_sweep
 
-        for path in plot_sweep(rows, out):
+        for path in plot_sweep(rows, out, loss):
             print(f"plot -> {path}")
     if args.decode:  # quality-speed frontier of the communication schedules (tpblocks/sweeps/frontier.py)
         from .frontier import frontier_figure, frontier_points

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,18 @@ from typing import Any
 from .manifest import MANIFEST_NAME, read_manifest, read_summary
 
 COORD_KEYS = ("recipe", "arch", "lane_count", "lane_depth", "tp_blocks", "n_classic_layers", "comm_start",
-              "comm_interleave", "comm_length", "scheduler", "seed")  # fmt: skip
+              "comm_interleave", "comm_length", "comm_reception", "scheduler", "seed")  # fmt: skip
+_SEED_TAIL = re.compile(r"_seed\d+$")  # grids.point_name puts the seed last
 COLUMNS = (
     "sweep", "sweep_dir", "name", "status", *COORD_KEYS, "aspect_ratio", "hidden_size", "lane_hidden_size", "params",
     "final_train_loss", "final_eval_loss", "min_train_loss", "step", "max_steps", "tokens_seen", "wall_s", "error",
     "run_dir",
 )  # fmt: skip
+
+
+def config_label(name: str) -> str:
+    """A run's name without its ``_seedN`` tail: the runs of one grid point that differ only by seed."""
+    return _SEED_TAIL.sub("", name)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -111,7 +118,7 @@ def _model_columns(model: dict[str, Any] | None) -> dict[str, Any]:
         out["tp_blocks"] = model.get("tp_block_repetition")
         if model.get("delayed_comm"):
             out.update(comm_start=model.get("comm_start"), comm_interleave=model.get("comm_interleave"),
-                       comm_length=model.get("comm_length"))  # fmt: skip
+                       comm_length=model.get("comm_length"), comm_reception=model.get("comm_reception"))  # fmt: skip
     else:
         out["arch"] = model.get("arch")
     return out

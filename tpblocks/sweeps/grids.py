@@ -15,7 +15,7 @@ Grids (report section / figure):
   aspect_ratio    §6.3 / Fig. 19  4 lanes, 1 TP block, 1 classic, lane depth swept (aspect = lane width / depth)
   tp_blocks       §6.4 / Fig. 20  number of TP blocks with lane depth x blocks = 12, 1 classic after each
   classic_layers  §6.5 / Fig. 21  4 TP blocks of 4 lanes of depth 3, {1,2,3,4} classic layers after each
-  delayed_comm    §6.6 / Fig. 22  start {0,1,2} x interleave {0..3} x length {1,2,4,6}
+  delayed_comm    §6.6 / Fig. 22  start {0,1,2} x interleave {0..3} x length {1,2,4,6} (x comm_reception)
   seed_variance   §5.3.4 / Fig. 17b,d  N seeds x {cosine, wsd} x {burger, llama}
 """
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,6 +117,23 @@ SCALES: dict[str, Scale] = {
         aspect_depths={"burger": (2, 4, 8), "sandwich": (2, 4, 8)}, delayed_lane_depth=6,
         # Small held-out evaluations and one checkpoint at the end: at this scale they would cost more than training.
         overrides=("wandb.mode=disabled", "train.eval_tokens=2048", "train.eval_batch=8", "train.checkpoint_every=0"),
+    ),
+    # Between the two (docs/results.md): 3M parameters, context 256, 110 steps of 4k tokens (0.45M tokens):
+    # 2-6 minutes per run on ONE CPU core (an 8-lane Burger trains at ~850 tokens/s there, a Llama at ~2600).
+    # lr 2e-3: the paper's 3e-4 barely moves a 3M model in 110 steps (measured: 8.3 -> 7.8 in 20 steps).
+    # Real text: the FineWeb sample of ../shared/data (relative to the repository root, where the tasks run;
+    # replace with --override data.path=...), a 4096-piece BPE trained on it (the Llama-2 32k vocabulary
+    # would be ~85 % of a 3M budget as embedding alone). The held-out set is the stream's first 100k tokens,
+    # the same for every run (data.seed is fixed). The eval sees 32k of them every 25 steps.
+    "laptop": Scale(
+        name="laptop", budget=3_000_000, tokens=450_560, tokens_per_step=4096, seq_len=256, vocab_size=4096,
+        n_heads=4, n_kv_heads=2, micro_batch=16, seeds=3, train_tokenizer=True,
+        aspect_depths={"burger": (4, 8, 12), "sandwich": (4, 8, 12)}, delayed_lane_depth=12,
+        overrides=(
+            "data=local", "data.path=../shared/data/fineweb_sample", "data.heldout_tokens=100000",
+            "data.tokenizer_train_bytes=20000000", "optim.lr=2e-3", "wandb.mode=disabled", "train.eval_every=40",
+            "train.eval_tokens=16384", "train.eval_batch=16", "train.checkpoint_every=0", "train.progress=false",
+        ),
     ),
 }  # fmt: skip
 
@@ -322,13 +339,15 @@ def classic_layers_grid(scale: Scale, values: dict[str, list[Any]]) -> list[Swee
 
 
 def delayed_comm_grid(scale: Scale, values: dict[str, list[Any]]) -> list[SweepPoint]:
-    """§6.6 / Fig. 22: every (start, interleave, length); points whose first send cannot be received inside
-    the lane depth are invalid (ModelConfig raises) and recorded as such."""
+    """§6.6 / Fig. 22: every (start, interleave, length), per ``comm_reception`` (gated default; the report
+    summed); points whose first send cannot be received inside the lane depth are invalid (ModelConfig
+    raises) and recorded as such."""
     train = train_overrides(scale)
     depth = int(_values(values, "lane_depth", [scale.delayed_lane_depth])[0])
-    reception = _values(values, "comm_reception", ["gated"])[0]
     points = []
-    for recipe in _values(values, "recipe", ["sandwich"]):
+    for recipe, reception in itertools.product(
+        _values(values, "recipe", ["sandwich"]), _values(values, "comm_reception", ["gated"])
+    ):
         axes = itertools.product(
             _values(values, "comm_start", [0, 1, 2]),
             _values(values, "comm_interleave", [0, 1, 2, 3]),
@@ -337,11 +356,13 @@ def delayed_comm_grid(scale: Scale, values: dict[str, list[Any]]) -> list[SweepP
         for start, inter, length in axes:
             coords = {"recipe": recipe, "comm_start": int(start), "comm_interleave": int(inter),
                       "comm_length": int(length)}  # fmt: skip
+            if reception != "gated":  # the default reception keeps the report's point names
+                coords["comm_reception"] = reception
             points.append(make_point(
                 coords,
-                lambda r=recipe, s=int(start), i=int(inter), n=int(length): tp_model(
+                lambda r=recipe, s=int(start), i=int(inter), n=int(length), rec=reception: tp_model(
                     scale, recipe=r, lane_count=4, lane_depth=depth, delayed_comm=True, comm_start=s,
-                    comm_interleave=i, comm_length=n, comm_reception=reception,
+                    comm_interleave=i, comm_length=n, comm_reception=rec,
                 ),
                 train,
             ))  # fmt: skip
@@ -375,12 +396,28 @@ GRIDS: dict[str, Callable[[Scale, dict[str, list[Any]]], list[SweepPoint]]] = {
 }
 
 
+def with_seeds(points: Sequence[SweepPoint], seeds: Sequence[int]) -> list[SweepPoint]:
+    """Every point once per seed (model initialisation; the data order stays fixed): ``--set seed=0,1,2`` on
+    any grid, for the seed spread beside its differences. The seed becomes a coordinate and the name's tail."""
+    out = []
+    for seed in seeds:  # seed-major: an array cut short still holds whole grids, one per finished seed
+        for point in points:
+            coords = {**point.coords, "seed": seed}
+            train = (*point.train_overrides, f"seed={seed}") if point.valid else ()
+            out.append(dataclasses.replace(point, name=point_name(coords), coords=coords, train_overrides=train))
+    return out
+
+
 def expand(grid: str, scale: Scale, values: dict[str, list[Any]] | None = None) -> list[SweepPoint]:
     """All points of ``grid`` at ``scale``; ``values`` restricts or replaces axis values
-    (``{"lane_count": [1, 2, 4], "recipe": ["sandwich"]}``)."""
+    (``{"lane_count": [1, 2, 4], "recipe": ["sandwich"]}``); a ``seed`` axis repeats every point per seed."""
     if grid not in GRIDS:
         raise ValueError(f"unknown sweep grid {grid!r}; known: {', '.join(GRIDS)}")
-    points = GRIDS[grid](scale, dict(values or {}))
+    values = dict(values or {})
+    seeds = values.pop("seed", None) if grid != "seed_variance" else None
+    points = GRIDS[grid](scale, values)
+    if seeds is not None:
+        points = with_seeds(points, [int(s) for s in seeds])
     names = [p.name for p in points]
     assert len(set(names)) == len(names), f"duplicate point names in {grid}: {names}"
     return points

@@ -76,12 +76,17 @@ class SlurmResources:
         return max(1, parts[0] * 60 + parts[1] + (1 if parts[2] else 0))
 
 
-def sbatch_command(manifest: Manifest, res: SlurmResources) -> list[str]:
-    """The sbatch command line that submits the whole sweep as one job array."""
+def sbatch_command(manifest: Manifest, res: SlurmResources, indices: Sequence[int] | None = None) -> list[str]:
+    """The sbatch command line that submits the whole sweep (or the tasks ``indices``) as one job array."""
     n = len(manifest.tasks)
     if n == 0:
         raise ValueError(f"sweep {manifest.sweep!r} has no valid point to submit (all {len(manifest.invalid)} invalid)")
-    array = f"0-{n - 1}" + (f"%{res.max_parallel}" if res.max_parallel else "")
+    if indices is not None and not indices:
+        raise ValueError(f"no task of sweep {manifest.sweep!r} to submit")
+    for i in indices or ():
+        manifest.task(i)  # raises on an index outside the sweep
+    spec = f"0-{n - 1}" if indices is None else ",".join(str(i) for i in sorted(set(indices)))
+    array = spec + (f"%{res.max_parallel}" if res.max_parallel else "")
     export = {
         "TPB_MANIFEST": str(manifest.path),
         "TPB_PYTHON": sys.executable,
@@ -104,9 +109,11 @@ def sbatch_command(manifest: Manifest, res: SlurmResources) -> list[str]:
     return [*cmd, *res.extra, str(SBATCH_SCRIPT)]
 
 
-def submit_sbatch(manifest: Manifest, res: SlurmResources, dry_run: bool = False) -> str:
+def submit_sbatch(
+    manifest: Manifest, res: SlurmResources, dry_run: bool = False, indices: Sequence[int] | None = None
+) -> str:
     """Submit the array; returns the array job id (or the command, shell-quoted, when ``dry_run``)."""
-    cmd = sbatch_command(manifest, res)
+    cmd = sbatch_command(manifest, res, indices)
     if dry_run:
         return shlex.join(cmd)
     if shutil.which("sbatch") is None:
@@ -226,6 +233,20 @@ def run_local(manifest: Manifest, procs_per_node: int = 1) -> list[int]:
     return [run_task(manifest.path, i, procs_per_node) for i in tqdm(range(len(manifest.tasks)), desc="sweep")]
 
 
+def unfinished_tasks(manifest: Manifest, only: Sequence[str] = ()) -> list[int]:
+    """Indices of the tasks to submit again: those named in ``only``, else every one not ``completed``
+    (failed, diverged, killed, cancelled before it started)."""
+    from .manifest import read_summary
+
+    names = {t.name: t.index for t in manifest.tasks}
+    unknown = sorted(set(only) - set(names))
+    if unknown:
+        raise ValueError(f"no task named {', '.join(unknown)} in sweep {manifest.sweep_dir}; tasks: {', '.join(names)}")
+    if only:
+        return [names[n] for n in only]
+    return [t.index for t in manifest.tasks if (read_summary(t.run_dir) or {}).get("status") != "completed"]
+
+
 def wait_for_array(job_id: str, timeout_s: float, poll_s: float = 2.0) -> None:
     """Block until no element of array ``job_id`` is queued or running (polls ``squeue``)."""
     deadline = time.monotonic() + timeout_s
@@ -239,6 +260,20 @@ def wait_for_array(job_id: str, timeout_s: float, poll_s: float = 2.0) -> None:
         time.sleep(poll_s)
 
 
+def git_state(repo: Path) -> dict[str, Any]:
+    """The checkout's commit and whether tracked files differ from it; {} outside a git checkout."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=True).stdout
+
+    try:
+        return {"commit": git("rev-parse", "HEAD").strip(), "dirty": bool(git("status", "--porcelain", "-uno").strip())}
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+
+
 def with_repo(manifest: Manifest) -> Manifest:
-    """Record the submitting checkout, so tasks find the training script wherever they run."""
-    return manifest.replace(extra={**manifest.extra, "repo": str(REPO), "submit_cwd": os.getcwd()})
+    """Record the submitting checkout (and its commit), so tasks find the training script wherever they run and
+    the results say which code trained them."""
+    extra = {**manifest.extra, "repo": str(REPO), "submit_cwd": os.getcwd(), **git_state(REPO)}
+    return manifest.replace(extra=extra)
