@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -97,7 +98,8 @@ def test_main_job_ends_with_a_curve_and_a_sample_the_printed_command_reproduces(
     assert sample.startswith("The object") and len(sample) > len("The object")
     argv = shlex.split(command)
     assert argv[1] == "launch/generate.py" and argv[2] == f"checkpoint={run_dir}"
-    assert argv[0] in ("python", sys.executable)  # the job's interpreter, by name when PATH finds it first
+    # The job's interpreter: by name when PATH finds it first, else its path (shown relative to the checkout).
+    assert argv[0] == "python" or os.path.abspath(REPO / argv[0]) == os.path.abspath(sys.executable), argv[0]
     gen = subprocess.run(argv, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)  # as printed
     assert gen.returncode == 0, gen.stderr[-3000:]
     text = gen.stdout.partition("\ntext: ")[2].rpartition("\ngenerated: ")[0]
