@@ -147,6 +147,7 @@ def parse_decode_args(description: str, argv: list[str] | None, *, quick_rounds:
         parser.error(f"--hidden={args.hidden} must be a multiple of {heads} ({preset['n_heads']} heads of even size)")
     if args.batch < 1:
         parser.error(f"--batch={args.batch} must be >= 1")
+    args.precision = torch.finfo(resolve_dtype(args.dtype)).bits // 8  # bytes per weight, for the byte counts
     # Short rounds interleaved over all configurations: load from other processes then hits them alike.
     args.tokens = args.tokens or (16 if args.quick else 32)
     args.rounds = args.rounds or (quick_rounds if args.quick else 10)
@@ -280,7 +281,6 @@ def _run(args, rank: int, world: int, tokens: int, rounds: int, warmup: int) -> 
 
 def _figures(runs, label_cfg, times, syncs, args, hw_star, context, world, rank) -> dict[str, dict]:
     """Per-label measured and predicted figures (collective over the ranks; rank 0 keeps them)."""
-    precision = torch.finfo(resolve_dtype(args.dtype)).bits // 8
     figures = {}
     for label, (engine, devices, communicate) in runs.items():
         # Collective on every rank: the slower rank's median / p10 (rank 0's own for the baseline).
@@ -290,8 +290,8 @@ def _figures(runs, label_cfg, times, syncs, args, hw_star, context, world, rank)
             continue
         cfg = label_cfg[label]
         vp = args.vocab_parallel and devices > 1
-        nbytes = pm.decode_bytes(cfg, devices=devices, context=context, batch=args.batch, precision=precision,
-                                 vocab_parallel_head=vp).total  # fmt: skip
+        nbytes = pm.decode_bytes(cfg, devices=devices, context=context, batch=args.batch,
+                                 precision=args.precision, vocab_parallel_head=vp).total  # fmt: skip
         n_syncs = pm.syncs_for_config(cfg, vp) if communicate and devices > 1 else 0
         eager_label = label.replace(" [compiled]", "")
         pred = pm.predict_bytes(nbytes, n_syncs, hw_star, devices, batch=args.batch)

@@ -41,7 +41,6 @@ from benchmarks.decode import (  # noqa: E402
     time_interleaved,
 )
 from tpblocks.infer import perfmodel as pm  # noqa: E402
-from tpblocks.infer.engine import resolve_dtype  # noqa: E402
 from tpblocks.models import ModelConfig, build_model, total_parameters  # noqa: E402
 from tpblocks.models.schedule_flavors import SCHEDULE_NAMES, schedule_config  # noqa: E402
 from tpblocks.parallel import CollectiveAudit, MeshComm, ParallelDims, shard_model  # noqa: E402
@@ -103,7 +102,7 @@ def _run(args, rank: int, world: int, tokens: int, rounds: int, warmup: int) -> 
     times, _ = time_interleaved(timed, args.prompt, tokens, warmup, rounds, rank, first_round=audit)
 
     figures = {}
-    precision = torch.finfo(resolve_dtype(args.dtype)).bits // 8
+    precision = args.precision
     for label, (name, cfg, engine, communicate) in runs.items():
         measured = _group_quantile(times[label], 0.5, world)
         blocking, overlapped, collectives, async_ops = counted[label.removesuffix(" [compiled]")]
