@@ -88,11 +88,6 @@ class StaticKVCache:
     def at(self, input_pos: torch.Tensor) -> CacheAt:
         return CacheAt(self, input_pos)
 
-    def reset(self) -> None:
-        """Forget every written position (for clarity only: the mask hides what a new prompt has not written)."""
-        for t in self._k + self._v:
-            t.zero_()
-
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._k + self._v)
 
