@@ -38,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from tpblocks.models.config import ModelConfig
+from tpblocks.models.dtp import dtp_syncs
 from tpblocks.models.sizing import classic_layer_params, lane_layer_params
 
 US = 1e-6
@@ -259,6 +260,8 @@ def syncs_for_config(cfg: ModelConfig, vocab_parallel_head: bool = False) -> int
     Delayed sends are non-blocking and not included (``overlapped_syncs_for_config``)."""
     if cfg.arch in ("palm", "ladder", "kraken"):
         return syncs_per_token(cfg.arch, n_layers=cfg.n_layers, vocab_parallel_head=vocab_parallel_head)
+    if cfg.arch == "dtp":  # Delayed TP (Laneformer): its sync plan is the model's (models/dtp.py)
+        return dtp_syncs(cfg)[0] + int(vocab_parallel_head)
     if cfg.arch == "llama":
         return syncs_per_token("llama_tp", n_layers=cfg.n_layers, vocab_parallel_head=vocab_parallel_head)
     return syncs_per_token(
@@ -273,6 +276,8 @@ def overlapped_syncs_for_config(cfg: ModelConfig) -> int:
     """Delayed (non-blocking) lane sums of one forward step; Ladder's and Kraken's asynchronous sums."""
     if cfg.arch in OVERLAPPED_SCHEDULES:
         return OVERLAPPED_SCHEDULES[cfg.arch](n_layers=cfg.n_layers)
+    if cfg.arch == "dtp":
+        return dtp_syncs(cfg)[1]
     return 0 if cfg.arch in ("llama", "palm") else cfg.tp_block_repetition * len(cfg.delayed_sends)
 
 
@@ -337,6 +342,15 @@ def decode_bytes(
         n_classic, lane_weights, lane_kv = cfg.n_layers, 0.0, 0.0
         if cfg.arch == "palm":
             lane_weights = -cfg.n_layers * h  # one shared norm per layer instead of two
+    elif cfg.arch == "dtp":  # each lane a Megatron shard of every layer; shared norms read once per device
+        n_classic, lanes_here = 0, _lanes_per_device(cfg, devices)
+        matrices = classic_layer_params(cfg) - 2 * h
+        norms = 2 * h * (1 if cfg.replicated_rmsn_scale else lanes_here)
+        lane_weights = cfg.n_layers * (matrices * lanes_here // cfg.lane_count + norms)
+        lane_kv = kv_cache_bytes(
+            n_layers=cfg.n_layers * lanes_here, n_kv_heads=cfg.n_kv_heads // cfg.lane_count, head_dim=cfg.head_dim,
+            context=context, batch=batch, precision=precision,
+        )  # fmt: skip
     elif cfg.arch == "kraken":
         n_classic, lanes_here = 0, _lanes_per_device(cfg, devices) * cfg.n_layers
         lane_weights = lanes_here * lane_layer_params(cfg) + cfg.lane_count * h * h  # + proj, replicated
@@ -367,10 +381,15 @@ def decode_bytes(
         precision=precision, devices=devices,
     )  # fmt: skip
     head_rows = math.ceil(cfg.vocab_size / devices) if vocab_parallel_head else cfg.vocab_size
+    head_weights = head_rows * h
+    if cfg.arch == "dtp" and cfg.lm_head_type == "lane":  # the column blocks of the device's lanes
+        head_weights = cfg.vocab_size * h * _lanes_per_device(cfg, devices)
+    elif cfg.arch == "dtp" and cfg.lm_head_type == "vocab_parallel":  # the vocabulary rows of its lanes
+        head_weights = cfg.vocab_size // devices * h
     return DecodeBytes(
         layer_weights=(lane_weights + classic_weights + h) * precision,  # + h: the final norm
         kv_cache=lane_kv + classic_kv,
-        head=head_rows * h * precision,
+        head=head_weights * precision,
         embedding=batch * h * precision,
     )
 
@@ -485,12 +504,12 @@ def exposed_overlapped_time(
 
 
 def schedule_name(cfg: ModelConfig) -> str:
-    """The communication schedule of a config: llama_tp, tp_blocks, track, palm, ladder or kraken."""
+    """The communication schedule of a config: llama_tp, tp_blocks, track, palm, ladder, kraken or dtp."""
     if cfg.arch == "llama":
         return "llama_tp"
     if cfg.arch == "tp_blocks":
         return "track" if cfg.recipe == "track" else "tp_blocks"
-    return cfg.arch
+    return cfg.arch  # palm, ladder, kraken, dtp
 
 
 def speedup(baseline: Prediction, candidate: Prediction) -> float:

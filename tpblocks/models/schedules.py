@@ -80,8 +80,9 @@ class KrakenBlock(nn.Module):
         self.lane_count = cfg.lane_count
         self.lane_offset = lane_offset
         self.layers = nn.ModuleList(
-            LaneLayer(lanes, h, cfg.lane_heads, cfg.lane_kv_heads, cfg.lane_ffn_hidden, h, cfg.norm_eps, rope,
-                      lane_offset)  # fmt: skip
+            LaneLayer(
+                lanes, h, cfg.lane_heads, cfg.lane_kv_heads, cfg.lane_ffn_hidden, h, cfg.norm_eps, rope, lane_offset
+            )  # fmt: skip
             for _ in range(cfg.n_layers)
         )
         self.proj = nn.Linear(cfg.lane_count * h, h, bias=False)
