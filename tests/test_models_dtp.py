@@ -231,6 +231,7 @@ def test_release_config_has_the_published_parameter_count():
         ({"n_kv_heads": 1}, "n_kv_heads=1 must be a multiple of lane_count=2"),
         ({"broadcast_delay": 0}, "broadcast_delay=0"),
         ({"lm_head_type": "lane", "tie_embeddings": True}, "cannot be tied"),
+        ({"lm_head_type": "vocab_parallel", "tie_embeddings": True}, "cannot stay tied"),
         ({"lm_head_type": "vocab_parallel", "vocab_size": 255}, "vocab_size=255"),
         ({"pre_norm_lane_agg": True, "replicated_rmsn_scale": False}, "pre_norm_lane_agg"),
         ({"lm_head_type": "bogus"}, "lm_head_type"),

@@ -170,6 +170,11 @@ class ModelConfig:
             "embedding; set tie_embeddings=false",
         )
         _require(
+            not (self.tie_embeddings and self.lm_head_type == "vocab_parallel"),
+            "lm_head_type='vocab_parallel': lane l's vocabulary rows live on lane l's rank while the embedding is "
+            "whole on every rank, so they cannot stay tied once sharded; set tie_embeddings=false",
+        )
+        _require(
             self.lm_head_type != "vocab_parallel" or self.vocab_size % L == 0,
             f"lm_head_type='vocab_parallel' needs vocab_size={self.vocab_size} to be a multiple of lane_count={L}",
         )

@@ -127,6 +127,6 @@ def shard_dtp_head(model: TransformerLM, rank: int, world: int, spec: ShardSpec)
     h, rows_per_lane = cfg.hidden_size, cfg.vocab_size // cfg.lane_count
     dim, per_lane = (1, h) if cfg.lm_head_type == "lane" else (0, rows_per_lane)
     index = (lanes[:, None] * per_lane + torch.arange(per_lane)[None, :]).reshape(-1)
-    model.output.weight = _take(model.output.weight, dim, index)  # unties a tied vocab-parallel head
+    model.output.weight = _take(model.output.weight, dim, index)
     model.output.out_features, model.output.in_features = model.output.weight.shape
     spec["output.weight"] = (dim, index)
