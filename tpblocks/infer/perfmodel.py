@@ -452,7 +452,7 @@ def predict(
     ).total  # fmt: skip
     syncs = syncs_for_config(cfg, vocab_parallel_head) if communicate else 0
     pred = predict_bytes(nbytes, syncs, hw, devices, batch)
-    if not communicate or devices == 1 or cfg.arch not in OVERLAPPED_SCHEDULES:
+    if not communicate or devices == 1 or not charges_overlapped(cfg):
         return pred
     exposed = exposed_overlapped_time(cfg, hw, devices=devices, precision=precision)
     return dataclasses.replace(pred, t_sync_total=pred.t_sync_total + exposed)
@@ -474,8 +474,13 @@ def _lanes_per_device(cfg: ModelConfig, devices: int) -> int:
     return cfg.lane_count // devices
 
 
+def charges_overlapped(cfg: ModelConfig) -> bool:
+    """Whether ``predict`` charges the overlapped syncs of ``cfg`` (Ladder, Kraken, DTP; not TP-block delayed sums)."""
+    return cfg.arch in OVERLAPPED_SCHEDULES or cfg.arch == "dtp"
+
+
 def hidden_work_per_sync(cfg: ModelConfig, *, devices: int, precision: float = 2) -> list[float]:
-    """Bytes one device reads while each overlapped sync of one decode step is in flight (Ladder, Kraken)."""
+    """Bytes one device reads while each overlapped sync of one decode step is in flight (Ladder, Kraken, DTP)."""
     h, e = cfg.hidden_size, cfg.head_dim
     if cfg.arch == "ladder":
         q, kv = math.ceil(cfg.n_heads / devices), math.ceil(cfg.n_kv_heads / devices)
@@ -488,6 +493,9 @@ def hidden_work_per_sync(cfg: ModelConfig, *, devices: int, precision: float = 2
         lanes, d, n, k = _lanes_per_device(cfg, devices), h, cfg.lane_heads, cfg.lane_kv_heads
         attn = lanes * (2 * d * n * cfg.lane_head_dim + 2 * d * k * cfg.lane_head_dim + d) * precision
         return [attn] * (cfg.n_layers - 1)
+    if cfg.arch == "dtp":  # a sum started after sub-layer t of layer i is awaited at sub-layer t of layer i + δ
+        layer = (decode_bytes(cfg, devices=devices, precision=precision).layer_weights / precision - h) / cfg.n_layers
+        return [cfg.broadcast_delay * layer * precision] * overlapped_syncs_for_config(cfg)
     return []
 
 
