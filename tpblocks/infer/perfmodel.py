@@ -38,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from tpblocks.models.config import ModelConfig
-from tpblocks.models.dtp import dtp_syncs
+from tpblocks.models.model import sync_plan
 from tpblocks.models.sizing import classic_layer_params, lane_layer_params
 
 US = 1e-6
@@ -216,17 +216,13 @@ SCHEDULES: dict[str, SyncRule] = {
     ),
     # The ceiling: every lane runs alone (no collective at all).
     "no_comm": lambda **_: 0,
-    # Other schedules of the same model family (tpblocks/models/schedules.py); blocking syncs only, the
-    # overlapped ones are in OVERLAPPED_SCHEDULES.
+    # Other schedules of the same model family (tpblocks/models/schedules.py); blocking syncs only. These named
+    # rules take shapes (the report's printed examples); a config's count is its model's sync plan
+    # (``syncs_for_config``), and tests/test_perfmodel_schedules.py checks the two agree.
     "palm": lambda *, n_layers, **_: n_layers,  # attention + FFN outputs reduced together
     "ladder": lambda **_: 0,  # every sum is asynchronous (awaited one sub-layer later)
     "kraken": lambda **_: 1,  # the final gather of the lanes
     "track": lambda *, tp_block_repetition, n_classic_layers=0, **_: tp_block_repetition * (2 * n_classic_layers + 1),
-}
-
-OVERLAPPED_SCHEDULES: dict[str, SyncRule] = {
-    "ladder": lambda *, n_layers, **_: 2 * n_layers,
-    "kraken": lambda *, n_layers, **_: n_layers - 1,  # layer l-1's lane sum overlaps layer l's attention
 }
 
 
@@ -255,30 +251,15 @@ def syncs_per_token(schedule: str, *, vocab_parallel_head: bool = False, **shape
 
 
 def syncs_for_config(cfg: ModelConfig, vocab_parallel_head: bool = False) -> int:
-    """Blocking communication points of one forward step of ``cfg`` (what ``comm.counter.blocking`` counts).
-
-    Delayed sends are non-blocking and not included (``overlapped_syncs_for_config``)."""
-    if cfg.arch in ("palm", "ladder", "kraken"):
-        return syncs_per_token(cfg.arch, n_layers=cfg.n_layers, vocab_parallel_head=vocab_parallel_head)
-    if cfg.arch == "dtp":  # Delayed TP (Laneformer): its sync plan is the model's (models/dtp.py)
-        return dtp_syncs(cfg)[0] + int(vocab_parallel_head)
-    if cfg.arch == "llama":
-        return syncs_per_token("llama_tp", n_layers=cfg.n_layers, vocab_parallel_head=vocab_parallel_head)
-    return syncs_per_token(
-        "tp_blocks",
-        tp_block_repetition=cfg.tp_block_repetition,
-        n_classic_layers=cfg.n_classic_layers,
-        vocab_parallel_head=vocab_parallel_head,
-    )
+    """Blocking communication points of one forward step of ``cfg`` (what ``comm.counter.blocking`` counts): the
+    model's own sync plan (``tpblocks.models.model.sync_plan``, declared by each stage)."""
+    return sync_plan(cfg, vocab_parallel_head).blocking
 
 
 def overlapped_syncs_for_config(cfg: ModelConfig) -> int:
-    """Delayed (non-blocking) lane sums of one forward step; Ladder's and Kraken's asynchronous sums."""
-    if cfg.arch in OVERLAPPED_SCHEDULES:
-        return OVERLAPPED_SCHEDULES[cfg.arch](n_layers=cfg.n_layers)
-    if cfg.arch == "dtp":
-        return dtp_syncs(cfg)[1]
-    return 0 if cfg.arch in ("llama", "palm") else cfg.tp_block_repetition * len(cfg.delayed_sends)
+    """Started-then-awaited communication points of one forward step: delayed lane sums, Ladder's, Kraken's and
+    DTP's asynchronous sums (``sync_plan(cfg).overlapped``)."""
+    return sync_plan(cfg).overlapped
 
 
 # ====================================================================== bytes read per decode step (Tables 1-2)
@@ -476,7 +457,7 @@ def _lanes_per_device(cfg: ModelConfig, devices: int) -> int:
 
 def charges_overlapped(cfg: ModelConfig) -> bool:
     """Whether ``predict`` charges the overlapped syncs of ``cfg`` (Ladder, Kraken, DTP; not TP-block delayed sums)."""
-    return cfg.arch in OVERLAPPED_SCHEDULES or cfg.arch == "dtp"
+    return cfg.arch in ("ladder", "kraken", "dtp")
 
 
 def hidden_work_per_sync(cfg: ModelConfig, *, devices: int, precision: float = 2) -> list[float]:

@@ -56,6 +56,23 @@ class SyncCounter:
         return {"blocking": self.blocking, "overlapped": self.overlapped, **dict(self.by_kind)}
 
 
+@dataclass(frozen=True)
+class SyncPlan:
+    """Communication points of one forward (= one decode token): ``blocking`` on the critical path, ``overlapped``
+    started and awaited later. Each stage class declares its own (``sync_plan(cfg)``, next to the calls it makes);
+    ``tpblocks.models.model.sync_plan`` sums them for a config: the one count perfmodel, the audit and posthoc use.
+    """
+
+    blocking: int = 0
+    overlapped: int = 0
+
+    def __add__(self, other: SyncPlan) -> SyncPlan:
+        return SyncPlan(self.blocking + other.blocking, self.overlapped + other.overlapped)
+
+    def __mul__(self, times: int) -> SyncPlan:
+        return SyncPlan(self.blocking * times, self.overlapped * times)
+
+
 class PendingSum:
     """Handle of an asynchronous lane sum; ``wait()`` returns the sum over all lanes (b, s, d)."""
 

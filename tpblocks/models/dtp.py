@@ -33,7 +33,7 @@ import math
 import torch
 from torch import nn
 
-from .comm import Communicator, PendingSum
+from .comm import Communicator, PendingSum, SyncPlan
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .lanes import LaneLayer, lane_matmul, lane_scale
@@ -76,6 +76,14 @@ class DTPStack(nn.Module):
     def lanes(self) -> int:
         return self.layers[0].lanes
 
+    @staticmethod
+    def sync_plan(cfg: ModelConfig) -> SyncPlan:
+        """2 blocking per *present* layer; 2 overlapped per sending layer that is not *present* (a resent
+        *present* sum is reused, not communicated again). The lane head adds its one sync (``lane_head_logits``)."""
+        present = cfg.dtp_rules.count("present")
+        started = sum(send and rule != "present" for send, rule in zip(cfg.dtp_sends, cfg.dtp_rules))
+        return SyncPlan(blocking=2 * present, overlapped=2 * started)
+
     def forward(self, x_bsh: torch.Tensor, comm: Communicator, cache: KVCache | None = None) -> torch.Tensor:
         """(b, s, h) -> the lanes' residual streams (l, b, s, h); the head aggregates them."""
         x_lbsh = x_bsh.unsqueeze(0).expand(self.lanes, *x_bsh.shape)
@@ -105,14 +113,6 @@ class DTPStack(nn.Module):
             pending, sent = in_flight.pop((i, kind))
             x_lbsh = x_lbsh + (pending.wait().unsqueeze(0) - sent)
         return x_lbsh, None
-
-
-def dtp_syncs(cfg: ModelConfig) -> tuple[int, int]:
-    """(blocking, overlapped) communication points of one forward: 2 per *present* layer + 1 for the head, and
-    2 per sending layer that is not *present* (a resent *present* sum is reused, not communicated again)."""
-    present = cfg.dtp_rules.count("present")
-    started = sum(send and rule != "present" for send, rule in zip(cfg.dtp_sends, cfg.dtp_rules))
-    return 2 * present + 1, 2 * started
 
 
 def final_norm(cfg: ModelConfig) -> RMSNorm:

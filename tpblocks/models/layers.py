@@ -18,7 +18,7 @@ from torch import nn
 
 from kernels import dispatch as kernel_dispatch
 
-from .comm import Communicator
+from .comm import Communicator, SyncPlan
 from .kv_cache import KVCache, causal_mask
 
 
@@ -191,6 +191,10 @@ class DecoderLayer(nn.Module):
         self.attn = Attention(hidden, n_heads, n_kv_heads, rope)
         self.ffn_norm = RMSNorm(hidden, eps)
         self.ffn = FeedForward(hidden, ffn_hidden)
+
+    @staticmethod
+    def sync_plan(cfg=None) -> SyncPlan:
+        return SyncPlan(blocking=2)  # Eq. 9: the attention and the FFN row-parallel sums
 
     def forward(self, x_bsh: torch.Tensor, comm: Communicator, cache: KVCache | None = None) -> torch.Tensor:
         x_bsh = x_bsh + comm.tp_reduce(self.attn(self.attn_norm(x_bsh), cache))  # sync 1

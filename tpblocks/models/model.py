@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .comm import Communicator, LocalComm
+from .comm import Communicator, LocalComm, SyncPlan
 from .config import ModelConfig
 from .dtp import DTPStack, final_norm, lane_head_logits
 from .kv_cache import KVCache, StaticKVCache
@@ -151,6 +151,27 @@ class TransformerLM(nn.Module):
     def num_parameters(self) -> int:
         """Parameters held by this process, embeddings included, tied weights counted once."""
         return sum(p.numel() for p in self.parameters())
+
+
+def sync_plan(cfg: ModelConfig, vocab_parallel_head: bool = False) -> SyncPlan:
+    """Communication points of one forward of ``cfg``: its stages' own declarations summed (what
+    ``comm.counter`` counts), without building it. The stages are ``TransformerLM._build_stages``'s.
+
+    The head adds one: DTP's lane aggregation, and the logit gather of a vocabulary-parallel head.
+    """
+    if cfg.arch == "llama":
+        plan = DecoderLayer.sync_plan() * cfg.n_layers
+    elif cfg.arch == "palm":
+        plan = ParallelLayer.sync_plan(cfg) * cfg.n_layers
+    elif cfg.arch == "ladder":
+        plan = LadderStack.sync_plan(cfg)
+    elif cfg.arch == "kraken":
+        plan = KrakenBlock.sync_plan(cfg)
+    elif cfg.arch == "dtp":
+        plan = DTPStack.sync_plan(cfg) + SyncPlan(blocking=1)
+    else:
+        plan = (TPBlock.sync_plan(cfg) + DecoderLayer.sync_plan() * cfg.n_classic_layers) * cfg.tp_block_repetition
+    return plan + SyncPlan(blocking=int(vocab_parallel_head))
 
 
 def build_model(cfg: ModelConfig, comm: Communicator | None = None) -> TransformerLM:
