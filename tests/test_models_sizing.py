@@ -43,12 +43,8 @@ def test_llama_135m_matches_report():
     [
         0,
         1,
-        pytest.param(
-            2,
-            marks=pytest.mark.xfail(
-                strict=True, reason="Table 4 typo: Burger-2's row gives 86.9M, the report prints 135.1M"
-            ),
-        ),
+        pytest.param(2, marks=pytest.mark.xfail(strict=True, reason="Table 4 typo: Burger-2's row gives 86.9M, "
+                                                                     "the report prints 135.1M")),
         3,
         4,
     ],

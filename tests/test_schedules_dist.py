@@ -38,19 +38,11 @@ CASES = {
     "palm_kv_replicated": ("debug_palm", {"n_kv_heads": 1}, lambda c: c.n_layers, lambda c: 0),
     "ladder": ("debug_ladder", {}, lambda c: 0, lambda c: 2 * c.n_layers),
     "kraken": ("debug_kraken", {"n_layers": 3}, lambda c: 1, lambda c: c.n_layers - 1),
-    "kraken_4lanes": (
-        "debug_kraken",
-        {"lane_count": 4, "lane_n_heads": 2, "lane_ffn_factor": 0.5},
-        lambda c: 1,
-        lambda c: c.n_layers - 1,
-    ),  # fmt: skip
+    "kraken_4lanes": ("debug_kraken", {"lane_count": 4, "lane_n_heads": 2, "lane_ffn_factor": 0.5},
+                      lambda c: 1, lambda c: c.n_layers - 1),  # fmt: skip
     "track": ("debug_track", {}, lambda c: c.tp_block_repetition, lambda c: 0),
-    "track_4lanes_mixed": (
-        "debug_track",
-        {"lane_count": 4, "n_classic_layers": 1},
-        lambda c: c.tp_block_repetition * (1 + 2 * c.n_classic_layers),
-        lambda c: 0,
-    ),  # fmt: skip
+    "track_4lanes_mixed": ("debug_track", {"lane_count": 4, "n_classic_layers": 1},
+                           lambda c: c.tp_block_repetition * (1 + 2 * c.n_classic_layers), lambda c: 0),  # fmt: skip
 }
 
 

@@ -39,7 +39,9 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
-def sample(logits_bv: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, generator=None) -> torch.Tensor:
+def sample(
+    logits_bv: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, generator=None
+) -> torch.Tensor:
     """Next token ids (b,) from last-position logits (b, v), on their device, without a host sync.
 
     ``temperature == 0`` is greedy. Otherwise logits / temperature, cut to the ``top_k`` largest, and one draw

@@ -1,12 +1,12 @@
 """Experiment sweeps of the report's §6: grids -> manifest -> Slurm array / submitit -> results table + plots.
 
-grids.py     the six grids as override sets, at a matched parameter budget, with scale knobs
-manifest.py  a sweep on disk (manifest.json) and how a finished task is recorded
-task.py      one array task (``python -m tpblocks.sweeps.task``)
-submit.py    sbatch array / submitit / local backends
-collect.py   run directories -> rows -> CSV; Eq. 12 extremum distance
-plots.py     Fig. 17-22 style PNGs
-cli.py       ``launch/slurm/submit.py`` and ``launch/report.py``
+  grids.py     the six grids as override sets, at a matched parameter budget, with scale knobs
+  manifest.py  a sweep on disk (manifest.json) and how a finished task is recorded
+  task.py      one array task (``python -m tpblocks.sweeps.task``)
+  submit.py    sbatch array / submitit / local backends
+  collect.py   run directories -> rows -> CSV; Eq. 12 extremum distance
+  plots.py     Fig. 17-22 style PNGs
+  cli.py       ``launch/slurm/submit.py`` and ``launch/report.py``
 """
 
 # (``collect`` is the submodule; its function is ``tpblocks.sweeps.collect.collect``.)

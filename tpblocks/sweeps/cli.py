@@ -77,12 +77,9 @@ def submit_parser() -> argparse.ArgumentParser:
     p.add_argument("--account", default=None)
     p.add_argument("--max-parallel", type=int, default=None, help="array throttle: at most N tasks at once")
     p.add_argument("--sbatch-arg", action="append", default=[], help="extra sbatch flag, verbatim (repeatable)")
-    p.add_argument(
-        "--rerun",
-        action="store_true",
-        help="SWEEP is an existing sweep directory whose arrays have ended: submit again its tasks that did "
-        "not complete (sbatch)",
-    )
+    p.add_argument("--rerun", action="store_true",
+                   help="SWEEP is an existing sweep directory whose arrays have ended: submit again its tasks that did "
+                   "not complete (sbatch)")
     p.add_argument("--only", action="append", default=[], metavar="NAME", help="with --rerun: just these tasks")
     p.add_argument("--dry-run", action="store_true", help="write the manifest and print the submit command only")
     p.add_argument("--wait", action="store_true", help="block until every task has ended")

@@ -209,9 +209,8 @@ def findings(rows: Sequence[dict[str, Any]], loss: str = "final_eval_loss") -> t
         lane_count_finding(configs, "burger", fallback),
         same_at_one_lane(configs, fallback),
         sandwich_vs_burger(configs, fallback),
-        pair_finding(
-            "Fig. 18: Sandwich below Burger at 4 lanes", configs.get("burger_L4"), configs.get("sandwich_L4"), fallback
-        ),  # fmt: skip
+        pair_finding("Fig. 18: Sandwich below Burger at 4 lanes", configs.get("burger_L4"), configs.get("sandwich_L4"),
+                     fallback),  # fmt: skip
         *delayed_finding(configs, fallback),
     ]
     return [f for f in out if f.verdict != "not run" or f.finding.startswith(("Fig. 17d", "Fig. 18"))], note

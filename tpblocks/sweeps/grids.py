@@ -219,9 +219,8 @@ def _lane_heads(scale: Scale, recipe: str, lane_count: int) -> tuple[int, int]:
     return heads, math.gcd(heads, scale.n_kv_heads)
 
 
-def tp_model(
-    scale: Scale, *, recipe: str, lane_count: int, lane_depth: int, blocks: int = 1, classic: int = 1, **fields: Any
-) -> ModelConfig:
+def tp_model(scale: Scale, *, recipe: str, lane_count: int, lane_depth: int, blocks: int = 1, classic: int = 1,
+             **fields: Any) -> ModelConfig:
     """A TP-block model of the scale's vocabulary and heads, hidden size solved to the budget (§6.1:
     intermediate size twice the width, lanes and classic layers alike). Raises ValueError when invalid."""
     lane_heads, lane_kv = _lane_heads(scale, recipe, lane_count)

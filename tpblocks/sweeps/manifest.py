@@ -203,7 +203,9 @@ def finalize_task(manifest: Manifest, index: int, exit_code: int, log: str | Pat
         return summary
     if exit_code != 0 and summary is not None and summary.get("status") in ("failed", "diverged"):
         return summary
-    reason = f"training exited with code {exit_code}" if exit_code != 0 else "training exited 0 without a final summary"
+    reason = (
+        f"training exited with code {exit_code}" if exit_code != 0 else "training exited 0 without a final summary"
+    )
     detail = _last_error_line(log_path)
     summary = {
         **(summary or {}),
