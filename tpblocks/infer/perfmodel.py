@@ -11,8 +11,8 @@ Tensor Parallel Blocks has one per block plus 2 per classic layer (Eq. 10); one 
 
 Functions here are plain floats in SI units (bytes, seconds, bytes/s, FLOP/s). ``predict`` applies the
 model to a ``ModelConfig``, counting what each device really reads (Table 2, KV-head ceiling per device).
-New communication schedules (PaLM-parallel, Ladder, Kraken, Parallel Track, ...) register a sync count
-with ``register_schedule`` and reuse everything else.
+A new communication schedule is a stage of the model family that declares its sync plan
+(``tpblocks.models.model.sync_plan``); everything here then applies to it.
 
 Where the report's printed figures and its own formulas disagree, the formula wins (docs/perfmodel.md,
 reproduced by tests/test_perfmodel.py and ``python -m tpblocks.infer.perfmodel``):
@@ -224,17 +224,6 @@ SCHEDULES: dict[str, SyncRule] = {
     "kraken": lambda **_: 1,  # the final gather of the lanes
     "track": lambda *, tp_block_repetition, n_classic_layers=0, **_: tp_block_repetition * (2 * n_classic_layers + 1),
 }
-
-
-def register_schedule(name: str, rule: SyncRule, overwrite: bool = False) -> None:
-    """Add a communication schedule: ``rule(**shape) -> blocking syncs per decode token``.
-
-    Example (PaLM-parallel layers, attention and FFN outputs reduced together): ``register_schedule("palm",
-    lambda *, n_layers, **_: n_layers)``. Rules must accept and ignore unknown keyword arguments (``**_``).
-    """
-    if name in SCHEDULES and not overwrite:
-        raise ValueError(f"schedule {name!r} already exists; pass overwrite=True to replace it")
-    SCHEDULES[name] = rule
 
 
 def syncs_per_token(schedule: str, *, vocab_parallel_head: bool = False, **shape: int) -> int:

@@ -201,10 +201,6 @@ class DecoderLayer(nn.Module):
         return x_bsh + comm.tp_reduce(self.ffn(self.ffn_norm(x_bsh)))  # sync 2
 
 
-def init_linear_(weight: torch.Tensor, std: float) -> None:
-    nn.init.normal_(weight, mean=0.0, std=std)
-
-
 def residual_std(init_std: float, n_residual_writes: int) -> float:
     """GPT-2 scaled init for projections that write into the residual stream."""
     return init_std / math.sqrt(max(1, n_residual_writes))
