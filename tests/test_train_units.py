@@ -123,14 +123,16 @@ def test_checkpoint_publish_is_atomic_and_keeps_the_newest(tmp_path):
     for step in (2, 4, 6):
         tmp = ckpt_io.prepare_tmp(tmp_path, step)
         assert tmp.name.startswith(".tmp_") and ckpt_io.latest_checkpoint(tmp_path) != tmp
-        ckpt_io.write_files(tmp, {"format": "tpblocks-model", "model": {}}, {"step": step})
+        ckpt_io.write_trainer_state(tmp, {"step": step})
+        (tmp / "dcp").mkdir()
+        (tmp / "dcp" / ".metadata").write_bytes(b"")
         ckpt_io.publish(tmp_path, step, keep=2)
     names = [p.name for p in ckpt_io.complete_checkpoints(tmp_path)]
     assert names == ["step_00000004", "step_00000006"]
     assert ckpt_io.latest_checkpoint(tmp_path).name == "step_00000006"
     # A crash while writing step 8 leaves a temp dir that is never taken for a checkpoint...
     half = ckpt_io.prepare_tmp(tmp_path, 8)
-    torch.save({"partial": True}, half / "model.pt")
+    torch.save({"partial": True}, half / "trainer.pt")
     assert ckpt_io.latest_checkpoint(tmp_path).name == "step_00000006"
     assert ckpt_io.resolve_resume("auto", tmp_path).name == "step_00000006"
     # ...and a lost `latest` pointer falls back to the highest complete step.

@@ -166,6 +166,9 @@ class TrainConfig:
     log_every: int = 1
     checkpoint_every: int = 100  # 0 = only at the end
     keep_checkpoints: int = 2  # newest kept; older complete checkpoints are deleted
+    # Write checkpoints in a background thread (torch.distributed.checkpoint.async_save): training goes on while
+    # the staged copy is written; the checkpoint is published when the write has finished (next save or run end).
+    async_checkpoint: bool = False
     resume: str = "auto"  # auto = latest complete checkpoint of run_dir if any; none = start fresh; or a path
     compile: bool = False  # torch.compile the model (worth it on GPU; cold compiles cost minutes on CPU)
     progress: bool = True  # tqdm bar on rank 0

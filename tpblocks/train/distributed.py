@@ -202,15 +202,15 @@ class DDPBackend:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def optimizer_state(self) -> dict | None:
-        return self.optimizer.state_dict()
+    @property
+    def checkpointed_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer whose state goes into the checkpoint's dcp/ (tpblocks/train/sharded_state.py)."""
+        return self.optimizer
 
-    def load_optimizer_state(self, state: dict | None, ckpt: Path) -> None:
-        if state is None:
-            raise ValueError(f"{ckpt} was written by trainer=deepspeed; resume it with trainer=deepspeed")
-        self.optimizer.load_state_dict(state)
+    def save_extra(self, tmp: Path) -> None:  # everything is in dcp/ and trainer.pt
+        pass
 
-    def save_extra(self, tmp: Path) -> None:  # everything fits in trainer.pt
+    def load_extra(self, ckpt: Path) -> None:
         pass
 
 
@@ -275,14 +275,9 @@ class DeepSpeedBackend:
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
-    def optimizer_state(self) -> dict | None:
-        return None  # ZeRO-partitioned: written by save_extra
+    checkpointed_optimizer = None  # ZeRO-partitioned: the engine writes it (save_extra)
 
-    def load_optimizer_state(self, state: dict | None, ckpt: Path) -> None:
-        if not (ckpt / "deepspeed").is_dir():
-            raise ValueError(
-                f"{ckpt} holds no deepspeed/ state (it was written by trainer=ddp); resume with trainer=ddp"
-            )
+    def load_extra(self, ckpt: Path) -> None:
         self.engine.load_checkpoint(
             str(ckpt / "deepspeed"), tag=self.tag, load_optimizer_states=True, load_lr_scheduler_states=False
         )
