@@ -28,19 +28,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return _norm.reference(x, None, weight_gd, eps)[0]
 
 
-def add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(``weight * rmsnorm(x + residual)``, ``x + residual``) in one pass: the pre-norm of the next sub-layer
-    together with the updated residual stream."""
-    if use_triton(x) and _norm.group_weight(x, weight) is not None:
-        return _norm.rms_norm_triton(x, residual, weight, eps)
-    weight_gd = _norm.group_weight(x, weight)
-    if weight_gd is None:
-        raise ValueError(f"weight {tuple(weight.shape)} must be (d,) or (l, 1, .., 1, d) for x {tuple(x.shape)}")
-    return _norm.reference(x, residual, weight_gd, eps)
-
-
 def swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """``silu(g) * u`` (the SwiGLU activation of all lanes, any shape)."""
     if use_triton(g):
