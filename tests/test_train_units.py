@@ -153,3 +153,23 @@ def test_rng_state_round_trip():
     ckpt_io.set_rng_state(state)
     b = (torch.rand(3), np.random.rand(), random.random())
     assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
+
+
+def test_a_non_finite_gradient_norm_stops_before_the_update():
+    from test_train_support import compose
+
+    from tpblocks.config import RunConfig
+    from tpblocks.train.distributed import DDPBackend, NonFiniteGradNorm, dist_env
+
+    cfg = RunConfig.from_dictconfig(compose(["run_dir=/tmp/unused"]))
+    model = torch.nn.Linear(3, 2)
+    backend = DDPBackend(model, torch.optim.AdamW(model.parameters()), cfg, dist_env("cpu"), accum=1)
+    model(torch.ones(1, 3)).sum().backward()
+    model.weight.grad[0, 0] = float("nan")
+    before = model.weight.detach().clone()
+    with pytest.raises(NonFiniteGradNorm, match="gradient norm is nan"):
+        backend.update()
+    assert torch.equal(model.weight, before)  # the optimizer never ran
+    model.zero_grad()
+    model(torch.ones(1, 3)).sum().backward()
+    assert backend.update() > 0 and not torch.equal(model.weight, before) and model.weight.grad is None

@@ -41,14 +41,15 @@ from .cpu_allocator import retain_freed_memory
 from .distributed import (
     DistEnv,
     Layout,
+    NonFiniteGradNorm,
     all_reduce_sum,
     autocast_dtype,
     barrier,
     broadcast_object,
     build_backend,
     compute_loss,
+    dist_env,
     gather_objects,
-    init_distributed,
     layout_for,
 )
 from .faults import Heartbeat, die_with_parent, is_timeout
@@ -326,18 +327,15 @@ class Trainer:
             raise TrainingDiverged(f"train loss is {train_loss} at step {step}")
         if self.lp is not None and self.lp.enabled:
             lp_metrics = self._layer_parallel_step(step, train_loss, inputs, targets)
-        grad_norm = self.backend.clip_grad()
-        if self.backend.name == "ddp" and not math.isfinite(grad_norm):
-            raise TrainingDiverged(f"gradient norm is {grad_norm} at step {step} (loss {train_loss:.4f})")
         lr = self.scheduler.get_last_lr()[0]  # the lr this update uses
         try:
-            self.backend.apply()
+            grad_norm = self.backend.update()
+        except NonFiniteGradNorm as err:
+            raise TrainingDiverged(f"{err} at step {step} (loss {train_loss:.4f})") from err
         except RuntimeError as err:  # e.g. lr=1e300: the step size does not fit the parameters' dtype
             if "overflow" not in str(err):
                 raise
             raise TrainingDiverged(f"the optimizer update overflowed at step {step} (lr {lr:g}): {err}") from err
-        if self.backend.name == "deepspeed":
-            grad_norm = self.backend.grad_norm_after_step()
         self.scheduler.step()
         self.step = step
         self.tokens_seen += cfg.train.tokens_per_step
@@ -373,7 +371,7 @@ class Trainer:
     def fit(self) -> dict:
         cfg = self.cfg
         die_with_parent()
-        self.env = env = init_distributed(cfg.trainer.device, cfg.trainer.dist_timeout_s)
+        self.env = env = dist_env(cfg.trainer.device, cfg.trainer.dist_timeout_s)
         self.heartbeat = beat = Heartbeat()
         on_cpu = env.device.type == "cpu"
         self.cpu_memory_retained = on_cpu and cfg.trainer.cpu_allocator == "retain" and retain_freed_memory()
