@@ -78,7 +78,7 @@ def _gathered(local: torch.Tensor, dim: int, index: torch.Tensor, mesh: DeviceMe
     return full
 
 
-class Layout:
+class ShardMap:
     """How this rank's tensors sit in the full ones: the model's ``shard_spec`` and the (dp, lane) mesh."""
 
     def __init__(self, model: nn.Module, mesh: DeviceMesh | None):
@@ -117,8 +117,8 @@ def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str
     return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
 
 
-def _save_dict(model: nn.Module, optimizer: torch.optim.Optimizer | None, layout: Layout) -> dict:
-    state = {MODEL + k: layout.to_save(k, v.detach()) for k, v in model.state_dict().items()}
+def _save_dict(model: nn.Module, optimizer: torch.optim.Optimizer | None, shards: ShardMap) -> dict:
+    state = {MODEL + k: shards.to_save(k, v.detach()) for k, v in model.state_dict().items()}
     if optimizer is None:
         return state
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -126,7 +126,7 @@ def _save_dict(model: nn.Module, optimizer: torch.optim.Optimizer | None, layout
         for leaf, value in optimizer.state.get(param, {}).items():
             assert torch.is_tensor(value), f"optimizer state {name}.{leaf} is not a tensor"
             shaped = value.shape == param.shape
-            state[f"{OPTIM}{name}.{leaf}"] = layout.to_save(name, value) if shaped else value
+            state[f"{OPTIM}{name}.{leaf}"] = shards.to_save(name, value) if shaped else value
     return state
 
 
@@ -147,7 +147,7 @@ def save(
 ) -> Future | None:
     """Write this rank's share into ``directory`` (collective). ``asynchronous``: stage a copy and write it in a
     background thread over ``process_group`` (one apart from the training collectives); returns its Future."""
-    state = _save_dict(model, optimizer, Layout(model, mesh))
+    state = _save_dict(model, optimizer, ShardMap(model, mesh))
     no_dist = not _distributed()
     with _dcp_call(no_dist):
         if asynchronous:
@@ -178,17 +178,17 @@ def load(
     """Read ``directory`` into this rank's model (and optimizer, whose param-group hyperparameters are ``groups``)
     in place, whatever layout wrote it (collective)."""
     saved = _metadata(directory)
-    layout = Layout(model, mesh)
+    shards = ShardMap(model, mesh)
     locals_ = {MODEL + k: (k, v) for k, v in model.state_dict().items()}
     if optimizer is not None:
         locals_.update(_optimizer_locals(model, optimizer, saved, directory))
     missing = sorted(set(locals_) - set(saved))
     if missing:
         raise ValueError(f"{directory} lacks {len(missing)} tensor(s) this run needs, e.g. {missing[:3]}")
-    targets = {key: layout.to_load(name, local, saved[key].size) for key, (name, local) in locals_.items()}
+    targets = {key: shards.to_load(name, local, saved[key].size) for key, (name, local) in locals_.items()}
     _read(targets, directory, no_dist=not _distributed())
     for key, (name, local) in locals_.items():
-        layout.settle(name, local, targets[key])
+        shards.settle(name, local, targets[key])
     if optimizer is not None:
         _load_optimizer(model, optimizer, groups, {k: v[1] for k, v in locals_.items() if k.startswith(OPTIM)})
 
