@@ -2,10 +2,13 @@
 
     python launch/consolidate.py outputs/2026-12-01/07-25-06_quickstart            # the run's latest checkpoint
     python launch/consolidate.py outputs/.../checkpoints/step_00000050 [more ...]   # named checkpoints
+    python launch/consolidate.py RUN_DIR --hf exported/                             # + a Hugging Face directory
 
 Whatever lane degree and world size wrote the checkpoint, the file holds the full fp32 model and loads with
 ``tpblocks.models.io.load_model`` (launch/generate.py, the HF export). It is written next to dcp/ and signed into
 the checkpoint's manifest; the path is printed. launch/generate.py converts by itself when it needs to.
+``--hf DIR`` also writes a ``transformers`` ``LlamaForCausalLM`` directory (Llama-family models only:
+tpblocks.models.hf).
 """
 
 from __future__ import annotations
@@ -32,10 +35,20 @@ def checkpoint_of(path: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("paths", nargs="+", type=Path, help="run directories or checkpoint directories")
+    p.add_argument("--hf", type=Path, help="also save the (one) model as a Hugging Face Llama directory here")
     args = p.parse_args(argv)
+    if args.hf is not None and len(args.paths) != 1:
+        p.error("--hf exports one model: give one run or checkpoint directory")
     try:
         for path in args.paths:
-            print(ckpt_io.consolidate(checkpoint_of(path.expanduser())))
+            model_file = ckpt_io.consolidate(checkpoint_of(path.expanduser()))
+            print(model_file)
+        if args.hf is not None:
+            from tpblocks.models.hf import save_hf
+            from tpblocks.models.io import load_model
+
+            save_hf(load_model(model_file), str(args.hf))
+            print(args.hf)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

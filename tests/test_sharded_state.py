@@ -144,14 +144,23 @@ def test_converter_writes_the_model_file_and_signs_it(tmp_path):
     ckpt = sharded_run_dir(tmp_path / "run", model)
     assert not (ckpt / "model.pt").exists()
     cli = [sys.executable, str(Path(__file__).parents[1] / "launch" / "consolidate.py")]
-    done = subprocess.run([*cli, str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and done.stdout.strip() == str(ckpt / "model.pt"), done.stderr
+    hf_dir = tmp_path / "hf"
+    done = subprocess.run([*cli, str(tmp_path / "run"), "--hf", str(hf_dir)], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    printed = done.stdout.strip().splitlines()  # transformers may log lines of its own in between
+    assert done.returncode == 0 and (printed[0], printed[-1]) == (str(ckpt / "model.pt"), str(hf_dir)), done.stderr
     path = ckpt_io.model_file(ckpt)
     assert path == ckpt / "model.pt"
     again = load_model(ckpt)  # tpblocks.models.io reads it, checked against the manifest
     assert again.cfg == model.cfg
     for name, tensor in model.state_dict().items():
         assert torch.equal(again.state_dict()[name], tensor), name
+    pytest.importorskip("transformers")
+    from tpblocks.models.hf import load_hf
+
+    exported = load_hf(str(hf_dir))  # the HF export reads the converted file
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(exported.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
     listed = ckpt_io._manifest_listing(ckpt)
     assert "model.pt" in listed and ckpt_io.checkpoint_damage(ckpt) is None
     (ckpt / "model.pt").unlink()  # derived: deleting it leaves a resumable checkpoint
