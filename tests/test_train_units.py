@@ -143,6 +143,16 @@ def test_checkpoint_publish_is_atomic_and_keeps_the_newest(tmp_path):
         ckpt_io.resolve_resume(str(tmp_path / "nowhere"), tmp_path)
 
 
+def test_a_checkpoint_of_the_old_layout_is_named_as_such(tmp_path):
+    old = tmp_path / "checkpoints" / "step_00000004"
+    old.mkdir(parents=True)
+    torch.save({"format": "tpblocks-trainer", "version": 1}, old / "trainer.pt")
+    torch.save({"format": "tpblocks-model"}, old / "model.pt")
+    assert "layout before sharded checkpoints" in ckpt_io.checkpoint_damage(old)
+    with pytest.raises(ValueError, match=r"is damaged \(it has the layout before sharded checkpoints"):
+        ckpt_io.resolve_resume(str(old), tmp_path)
+
+
 def test_rng_state_round_trip():
     import random
 

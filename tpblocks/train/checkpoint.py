@@ -142,6 +142,8 @@ def checkpoint_damage(ckpt: str | os.PathLike) -> str | None:
     """None when ``ckpt`` is intact, else why it cannot be trusted. Without a manifest only the required files are
     checked (reading them then reports any damage)."""
     ckpt = Path(ckpt)
+    if (ckpt / MODEL_FILE).is_file() and not (ckpt / SHARDS).exists():
+        return f"it has the layout before sharded checkpoints (no {SHARDS}/): not resumable; its model.pt loads"
     for name in REQUIRED:
         if not (ckpt / name).is_file():
             return f"{name} is missing"
