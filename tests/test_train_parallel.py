@@ -158,7 +158,7 @@ def test_mgrit_two_ranks_tracks_the_serial_run(tiny_data, tmp_path, one_thread):
     """4 decoder layers over 2 ranks, 2 levels, cf 2, FCF, 2 iterations: with the serial final sweep this solve
     is exact up to rounding (docs/mgrit.md), so the tolerance is float-level (1e-4), not a training-noise one."""
     extra = {**EXTRA, **LLAMA, "train.micro_batch": 16, "train.checkpoint_every": 0}
-    lp = {"layer_parallel.enabled": True, "layer_parallel.cf": 2, "+layer_parallel.check_every": 2}
+    lp = {"layer_parallel.enabled": True, "layer_parallel.cf": 2, "layer_parallel.check_every": 2}
     lp_dir, one_dir = tmp_path / "lp2", tmp_path / "one"
     proc = launch(tiny_overrides(tiny_data, lp_dir, **extra, **lp), nproc=2)
     assert proc.returncode == 0, _why(proc)
