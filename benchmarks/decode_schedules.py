@@ -4,7 +4,8 @@
 
 Schedules (``tpblocks.models.schedule_flavors``), all of the same sequential depth and parameter count:
 Llama-TP (2 syncs/layer), PaLM parallel layers (1/layer), Ladder residual (2/layer, asynchronous), Kraken
-(1 gather + L-1 asynchronous lane sums), Parallel Track (1 per D layers), a Burger TP block (1) — each also
+(1 gather + L-1 asynchronous lane sums), Parallel Track (1 per D layers), a Burger TP block (1), Delayed TP /
+Laneformer (2 per present layer + 1, 2 asynchronous per later layer) — each also
 with ``comm.enabled = False``: the same sharded model with every collective removed (its no-communication
 ceiling). In one run:
   1. calibrate t_sync (small all-reduce) and beta (matvec read, both ranks at once) on this machine;
@@ -46,7 +47,7 @@ from tpblocks.models.schedule_flavors import SCHEDULE_NAMES, schedule_config  # 
 from tpblocks.parallel import CollectiveAudit, MeshComm, ParallelDims, shard_model  # noqa: E402
 
 LABELS = {"llama": "llama-TP", "palm": "palm", "ladder": "ladder", "kraken": "kraken", "track": "track",
-          "burger": "burger (TP block)"}  # fmt: skip
+          "burger": "burger (TP block)", "dtp": "dtp (Laneformer)"}  # fmt: skip
 
 
 def build_configs(preset: dict, degree: int, track_depth: int, max_seq_len: int):
@@ -110,7 +111,7 @@ def _run(args, rank: int, world: int, tokens: int, rounds: int, warmup: int) -> 
         pred = pm.predict(cfg, hw, communicate=communicate, **kw)
         pred_star = pm.predict(cfg, hw_star, communicate=communicate, **kw)
         no_overlap = pred.t_decode
-        if communicate and cfg.arch in pm.OVERLAPPED_SCHEDULES:
+        if communicate and pm.charges_overlapped(cfg):
             no_overlap = pred.t_memory + pred.t_sync_total - pm.exposed_overlapped_time(
                 cfg, hw, devices=world, precision=precision
             ) + pm.exposed_overlapped_time(cfg, hw, devices=world, precision=precision, hides=False)  # fmt: skip

@@ -7,7 +7,8 @@
 
 Arguments (key=value):
   checkpoint      a run directory (uses checkpoints/latest), a checkpoint directory (its sharded dcp/ state is
-                  converted once into model.pt there), or a model.pt file (tpblocks.models.io format)
+                  converted once into model.pt there), a model.pt file (tpblocks.models.io format), or a
+                  Laneformer directory (config.json + safetensors)
   prompt          text (needs a tokenizer), or prompt_ids=[1,2,3] as token ids
   tokenizer       sentencepiece .model; default: data.tokenizer_path from the run's config.yaml, else the
                   tokenizer the trainer cached for that data config. Without one, only token ids are printed
@@ -101,7 +102,11 @@ def parse_args(argv: list[str]) -> dict:
 def resolve_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
     """(model file, run directory or None) for a run dir, a checkpoint dir or a model file. A training checkpoint
     holds sharded state (dcp/): it is converted once into its model.pt (tpblocks.train.checkpoint.consolidate)."""
+    from tpblocks.models.laneformer import is_laneformer_dir
+
     path = Path(path).expanduser()
+    if is_laneformer_dir(path):  # Kog's format: config.json + safetensors (tokenizer=... names its tokenizer)
+        return path, None
     if path.is_file():
         run = path.parent.parent.parent if path.parent.parent.name == "checkpoints" else None
         return path, run

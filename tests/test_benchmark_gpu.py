@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.gpu import decode as gpu_decode
 from benchmarks.gpu import run as gpu_run
 from benchmarks.gpu.common import poisoned_outputs
 from kernels.tolerances import tolerance_use
@@ -38,8 +39,9 @@ def test_dry_run_runs_every_section_on_cpu(tmp_path):
     assert {r["impl"] for r in result["kernel_speed"]["rows"]} == {"triton", "eager", "compile"}
     assert result["comm"]["rows"][0]["correct"] is True  # async over gloo; symmetric memory is CUDA-only
     decode = result["decode"]["rows"]
-    assert [r.get("error") for r in decode] == [None] * 8 and {r["mode"] for r in decode} == {"graph", "compiled"}
-    assert len(result["decode"]["predictions"]) == 2 * 2 * 3  # 2 modes x (burger, sandwich) x 3 t_sync values
+    n_rows = 2 * len(gpu_decode.cases(dry_run=True))  # every case in both modes
+    assert [r.get("error") for r in decode] == [None] * n_rows and {r["mode"] for r in decode} == {"graph", "compiled"}
+    assert len(result["decode"]["predictions"]) == 2 * 3 * 3  # 2 modes x (burger, sandwich, dtp) x 3 t_sync values
     train = result["training"]["rows"]
     assert [r.get("error") for r in train] == [None] * 9 and all(r["tokens_per_s"] > 0 for r in train)
     # The table is the last thing printed (the tail of a device log holds it) and is saved for docs/gpu.md.

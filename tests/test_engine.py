@@ -11,7 +11,8 @@ from tpblocks.infer.engine import DecodeEngine, sample
 from tpblocks.models import build_model, get_flavor
 
 FLAVORS = ["debug_llama", "debug_burger", "debug_sandwich", "debug_palm", "debug_ladder", "debug_kraken",
-           "debug_track"]  # fmt: skip  every arch; burger/sandwich with delayed communication and block mixing
+           "debug_track", "debug_dtp"]  # fmt: skip  every arch; burger/sandwich with delayed communication and block
+# mixing; dtp (Laneformer) with sliding-window layers and interleaved RoPE
 STEPS = 64
 
 

@@ -136,17 +136,11 @@ def test_presets_and_unknown_name():
 
 
 # ---------------------------------------------------------------------- schedules
-def test_register_schedule_and_errors():
-    pm.register_schedule("test_palm", lambda *, n_layers, **_: n_layers)
-    try:
-        assert pm.syncs_per_token("test_palm", n_layers=12) == 12
-        assert pm.syncs_per_token("test_palm", n_layers=12, vocab_parallel_head=True) == 13
-        with pytest.raises(ValueError, match="already exists"):
-            pm.register_schedule("test_palm", lambda **_: 0)
-        with pytest.raises(ValueError, match="needs other shape"):
-            pm.syncs_per_token("test_palm", depth=3)
-    finally:
-        pm.SCHEDULES.pop("test_palm")
+def test_named_schedules_and_errors():
+    assert pm.syncs_per_token("palm", n_layers=12) == 12
+    assert pm.syncs_per_token("palm", n_layers=12, vocab_parallel_head=True) == 13
+    with pytest.raises(ValueError, match="needs other shape"):
+        pm.syncs_per_token("palm", depth=3)
     assert pm.syncs_per_token("no_comm", n_layers=7, vocab_parallel_head=True) == 0
     with pytest.raises(ValueError, match="unknown schedule"):
         pm.syncs_per_token("kraken_v9")

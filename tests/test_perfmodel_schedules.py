@@ -6,7 +6,15 @@ import torch
 from tpblocks.infer import perfmodel as pm
 from tpblocks.models import build_model, get_flavor
 
-SCHEDULE_FLAVORS = ("debug_llama", "debug_palm", "debug_ladder", "debug_kraken", "debug_track", "debug_burger")
+SCHEDULE_FLAVORS = (
+    "debug_llama",
+    "debug_palm",
+    "debug_ladder",
+    "debug_kraken",
+    "debug_track",
+    "debug_burger",
+    "debug_dtp",
+)
 
 
 @pytest.mark.parametrize("flavor", SCHEDULE_FLAVORS)
@@ -22,10 +30,22 @@ def test_predicted_syncs_equal_the_counted_decode_step(flavor):
     assert pm.overlapped_syncs_for_config(cfg) == model.comm.counter.overlapped
 
 
+@pytest.mark.parametrize("flavor", SCHEDULE_FLAVORS[:-1])
+def test_named_shape_rules_agree_with_the_models_sync_plan(flavor):
+    """``perfmodel.SCHEDULES`` (shape-only rules for the report's examples) say what the stages declare."""
+    cfg = get_flavor(flavor, n_classic_layers=1) if flavor in ("debug_track", "debug_burger") else get_flavor(flavor)
+    shape = dict(n_layers=cfg.n_layers, tp_block_repetition=cfg.tp_block_repetition,
+                 n_classic_layers=cfg.n_classic_layers)  # fmt: skip
+    assert pm.syncs_per_token(pm.schedule_name(cfg), **shape) == pm.syncs_for_config(cfg), flavor
+    assert pm.syncs_per_token(pm.schedule_name(cfg), vocab_parallel_head=True, **shape) == pm.syncs_for_config(
+        cfg, vocab_parallel_head=True
+    )
+
+
 @pytest.mark.parametrize("flavor", SCHEDULE_FLAVORS)
 def test_bytes_read_on_one_device_are_the_model_parameters(flavor):
     """One device, no KV cache: layer weights + head (tied: the table is read once, as the head) = every parameter."""
-    cfg = get_flavor(flavor)
+    cfg = get_flavor(flavor, tie_embeddings=True)  # debug_dtp is untied like Laneformer; the others already tied
     b = pm.decode_bytes(cfg, devices=1, context=0, precision=4)
     params = build_model(cfg).num_parameters()
     assert b.layer_weights + b.head == pytest.approx(4 * params, rel=1e-12)

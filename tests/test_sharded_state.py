@@ -3,8 +3,8 @@
 Two gloo ranks hold a lane-sharded model after one AdamW step and save it through DCP; one process loads that
 checkpoint into the full model (weights and optimizer moments equal the gathered shards bit for bit), saves it
 again, and two ranks load that back into their shards (each equal to its slice of the full tensors). Cases: a TP
-block model (stacked lanes, reception gates) and Llama with one KV head on two ranks (replicated KV rows, which
-are saved gathered).
+block model (stacked lanes, reception gates), Llama with one KV head on two ranks (replicated KV rows, which are
+saved gathered) and DTP (lane-cut head, norms shared by the lanes).
 """
 
 from __future__ import annotations
@@ -27,7 +27,11 @@ from tpblocks.train import checkpoint as ckpt_io
 from tpblocks.train import sharded_state
 from tpblocks.train.optim import build_optimizer
 
-CASES = {"burger": ("debug_burger", {}), "llama_kv_replicated": ("debug_llama", {"n_kv_heads": 1})}
+CASES = {
+    "burger": ("debug_burger", {}),
+    "llama_kv_replicated": ("debug_llama", {"n_kv_heads": 1}),
+    "dtp_lane_head": ("debug_dtp", {"lm_head_type": "lane"}),
+}
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 

@@ -369,6 +369,24 @@ def test_rerun_submits_only_the_unfinished_tasks(tmp_path):
     assert out.returncode == 0 and "--array=1,2 " in out.stdout, out.stderr
 
 
+def test_classic_layers_findings(tmp_path):
+    """Fig. 21: C4 above C1 for both recipes; the Sandwich's effect larger than the Burger's, judged on the spread."""
+    from tpblocks.sweeps.findings import findings
+
+    main = expand("classic_layers", TINY, {"n_classic_layers": [1, 4], "seed": [0]})
+    seeds = expand("lane_count", TINY, {"lane_count": [4], "recipe": ["sandwich"], "seed": [0, 1, 2]})
+    m = with_repo(build_manifest("classic", TINY, main + seeds, tmp_path / "sweep"))
+    m.write()
+    losses = {"sandwich_C1": 3.0, "sandwich_C4": 3.5, "burger_C1": 3.2, "burger_C4": 3.25, "sandwich_L4": 3.3}
+    for t in m.tasks:
+        final = losses[t.name.rsplit("_seed", 1)[0]] + 0.01 * t.coords["seed"]
+        _fake_run(Path(t.run_dir), [final + 1.0, final], eval_loss=final)
+    verdict = {f.finding: f.verdict for f in findings(collect([m.sweep_dir]))[0]}
+    assert verdict["Fig. 21: more classic layers per TP block -> higher loss (Sandwich, 4 vs 1)"] == "yes"
+    assert verdict["Fig. 21: more classic layers per TP block -> higher loss (Burger, 4 vs 1)"] == "yes"
+    assert verdict["Fig. 21: the classic-layer effect is larger for Sandwich than for Burger"] == "yes"
+
+
 def test_findings_decide_nothing_without_a_measured_seed_spread(tmp_path):
     from tpblocks.sweeps.findings import findings
 

@@ -37,11 +37,13 @@ def cases(dry_run: bool) -> list[DecodeCase]:
         return [DecodeCase(label="llama 1 GPU", flavor="debug_llama", devices=1),
                 DecodeCase(label="burger 1 of 4", flavor="debug_burger", devices=4),
                 DecodeCase(label="sandwich 1 of 4", flavor="debug_sandwich", devices=4),
-                DecodeCase(label="llama TP4 shard", flavor="debug_llama", devices=4)]  # fmt: skip
+                DecodeCase(label="llama TP4 shard", flavor="debug_llama", devices=4),
+                DecodeCase(label="dtp 1 of 2", flavor="debug_dtp", devices=2)]  # fmt: skip
     return [DecodeCase(label="tinyllama 1 GPU", flavor="tinyllama_1p1b", devices=1),
             DecodeCase(label="burger_1p5b 1 of 8", flavor="burger_1p5b_8lane", devices=8),
             DecodeCase(label="sandwich_1p5b 1 of 8", flavor="sandwich_1p5b_8lane", devices=8),
-            DecodeCase(label="tinyllama TP8 shard", flavor="tinyllama_1p1b", devices=8)]  # fmt: skip
+            DecodeCase(label="tinyllama TP8 shard", flavor="tinyllama_1p1b", devices=8),
+            DecodeCase(label="laneformer_2b 1 of 8", flavor="laneformer_2b", devices=8)]  # fmt: skip
 
 
 def one_rank_comm(devices: int):

@@ -11,8 +11,8 @@ Tensor Parallel Blocks has one per block plus 2 per classic layer (Eq. 10); one 
 
 Functions here are plain floats in SI units (bytes, seconds, bytes/s, FLOP/s). ``predict`` applies the
 model to a ``ModelConfig``, counting what each device really reads (Table 2, KV-head ceiling per device).
-New communication schedules (PaLM-parallel, Ladder, Kraken, Parallel Track, ...) register a sync count
-with ``register_schedule`` and reuse everything else.
+A new communication schedule is a stage of the model family that declares its sync plan
+(``tpblocks.models.model.sync_plan``); everything here then applies to it.
 
 Where the report's printed figures and its own formulas disagree, the formula wins (docs/perfmodel.md,
 reproduced by tests/test_perfmodel.py and ``python -m tpblocks.infer.perfmodel``):
@@ -38,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from tpblocks.models.config import ModelConfig
+from tpblocks.models.model import sync_plan
 from tpblocks.models.sizing import classic_layer_params, lane_layer_params
 
 US = 1e-6
@@ -215,29 +216,14 @@ SCHEDULES: dict[str, SyncRule] = {
     ),
     # The ceiling: every lane runs alone (no collective at all).
     "no_comm": lambda **_: 0,
-    # Other schedules of the same model family (tpblocks/models/schedules.py); blocking syncs only, the
-    # overlapped ones are in OVERLAPPED_SCHEDULES.
+    # Other schedules of the same model family (tpblocks/models/schedules.py); blocking syncs only. These named
+    # rules take shapes (the report's printed examples); a config's count is its model's sync plan
+    # (``syncs_for_config``), and tests/test_perfmodel_schedules.py checks the two agree.
     "palm": lambda *, n_layers, **_: n_layers,  # attention + FFN outputs reduced together
     "ladder": lambda **_: 0,  # every sum is asynchronous (awaited one sub-layer later)
     "kraken": lambda **_: 1,  # the final gather of the lanes
     "track": lambda *, tp_block_repetition, n_classic_layers=0, **_: tp_block_repetition * (2 * n_classic_layers + 1),
 }
-
-OVERLAPPED_SCHEDULES: dict[str, SyncRule] = {
-    "ladder": lambda *, n_layers, **_: 2 * n_layers,
-    "kraken": lambda *, n_layers, **_: n_layers - 1,  # layer l-1's lane sum overlaps layer l's attention
-}
-
-
-def register_schedule(name: str, rule: SyncRule, overwrite: bool = False) -> None:
-    """Add a communication schedule: ``rule(**shape) -> blocking syncs per decode token``.
-
-    Example (PaLM-parallel layers, attention and FFN outputs reduced together): ``register_schedule("palm",
-    lambda *, n_layers, **_: n_layers)``. Rules must accept and ignore unknown keyword arguments (``**_``).
-    """
-    if name in SCHEDULES and not overwrite:
-        raise ValueError(f"schedule {name!r} already exists; pass overwrite=True to replace it")
-    SCHEDULES[name] = rule
 
 
 def syncs_per_token(schedule: str, *, vocab_parallel_head: bool = False, **shape: int) -> int:
@@ -254,26 +240,15 @@ def syncs_per_token(schedule: str, *, vocab_parallel_head: bool = False, **shape
 
 
 def syncs_for_config(cfg: ModelConfig, vocab_parallel_head: bool = False) -> int:
-    """Blocking communication points of one forward step of ``cfg`` (what ``comm.counter.blocking`` counts).
-
-    Delayed sends are non-blocking and not included (``overlapped_syncs_for_config``)."""
-    if cfg.arch in ("palm", "ladder", "kraken"):
-        return syncs_per_token(cfg.arch, n_layers=cfg.n_layers, vocab_parallel_head=vocab_parallel_head)
-    if cfg.arch == "llama":
-        return syncs_per_token("llama_tp", n_layers=cfg.n_layers, vocab_parallel_head=vocab_parallel_head)
-    return syncs_per_token(
-        "tp_blocks",
-        tp_block_repetition=cfg.tp_block_repetition,
-        n_classic_layers=cfg.n_classic_layers,
-        vocab_parallel_head=vocab_parallel_head,
-    )
+    """Blocking communication points of one forward step of ``cfg`` (what ``comm.counter.blocking`` counts): the
+    model's own sync plan (``tpblocks.models.model.sync_plan``, declared by each stage)."""
+    return sync_plan(cfg, vocab_parallel_head).blocking
 
 
 def overlapped_syncs_for_config(cfg: ModelConfig) -> int:
-    """Delayed (non-blocking) lane sums of one forward step; Ladder's and Kraken's asynchronous sums."""
-    if cfg.arch in OVERLAPPED_SCHEDULES:
-        return OVERLAPPED_SCHEDULES[cfg.arch](n_layers=cfg.n_layers)
-    return 0 if cfg.arch in ("llama", "palm") else cfg.tp_block_repetition * len(cfg.delayed_sends)
+    """Started-then-awaited communication points of one forward step: delayed lane sums, Ladder's, Kraken's and
+    DTP's asynchronous sums (``sync_plan(cfg).overlapped``)."""
+    return sync_plan(cfg).overlapped
 
 
 # ====================================================================== bytes read per decode step (Tables 1-2)
@@ -337,6 +312,15 @@ def decode_bytes(
         n_classic, lane_weights, lane_kv = cfg.n_layers, 0.0, 0.0
         if cfg.arch == "palm":
             lane_weights = -cfg.n_layers * h  # one shared norm per layer instead of two
+    elif cfg.arch == "dtp":  # each lane a Megatron shard of every layer; shared norms read once per device
+        n_classic, lanes_here = 0, _lanes_per_device(cfg, devices)
+        matrices = classic_layer_params(cfg) - 2 * h
+        norms = 2 * h * (1 if cfg.replicated_rmsn_scale else lanes_here)
+        lane_weights = cfg.n_layers * (matrices * lanes_here // cfg.lane_count + norms)
+        lane_kv = kv_cache_bytes(
+            n_layers=cfg.n_layers * lanes_here, n_kv_heads=cfg.n_kv_heads // cfg.lane_count, head_dim=cfg.head_dim,
+            context=context, batch=batch, precision=precision,
+        )  # fmt: skip
     elif cfg.arch == "kraken":
         n_classic, lanes_here = 0, _lanes_per_device(cfg, devices) * cfg.n_layers
         lane_weights = lanes_here * lane_layer_params(cfg) + cfg.lane_count * h * h  # + proj, replicated
@@ -367,10 +351,15 @@ def decode_bytes(
         precision=precision, devices=devices,
     )  # fmt: skip
     head_rows = math.ceil(cfg.vocab_size / devices) if vocab_parallel_head else cfg.vocab_size
+    head_weights = head_rows * h
+    if cfg.arch == "dtp" and cfg.lm_head_type == "lane":  # the column blocks of the device's lanes
+        head_weights = cfg.vocab_size * h * _lanes_per_device(cfg, devices)
+    elif cfg.arch == "dtp" and cfg.lm_head_type == "vocab_parallel":  # the vocabulary rows of its lanes
+        head_weights = cfg.vocab_size // devices * h
     return DecodeBytes(
         layer_weights=(lane_weights + classic_weights + h) * precision,  # + h: the final norm
         kv_cache=lane_kv + classic_kv,
-        head=head_rows * h * precision,
+        head=head_weights * precision,
         embedding=batch * h * precision,
     )
 
@@ -433,7 +422,7 @@ def predict(
     ).total  # fmt: skip
     syncs = syncs_for_config(cfg, vocab_parallel_head) if communicate else 0
     pred = predict_bytes(nbytes, syncs, hw, devices, batch)
-    if not communicate or devices == 1 or cfg.arch not in OVERLAPPED_SCHEDULES:
+    if not communicate or devices == 1 or not charges_overlapped(cfg):
         return pred
     exposed = exposed_overlapped_time(cfg, hw, devices=devices, precision=precision)
     return dataclasses.replace(pred, t_sync_total=pred.t_sync_total + exposed)
@@ -455,8 +444,13 @@ def _lanes_per_device(cfg: ModelConfig, devices: int) -> int:
     return cfg.lane_count // devices
 
 
+def charges_overlapped(cfg: ModelConfig) -> bool:
+    """Whether ``predict`` charges the overlapped syncs of ``cfg`` (Ladder, Kraken, DTP; not TP-block delayed sums)."""
+    return cfg.arch in ("ladder", "kraken", "dtp")
+
+
 def hidden_work_per_sync(cfg: ModelConfig, *, devices: int, precision: float = 2) -> list[float]:
-    """Bytes one device reads while each overlapped sync of one decode step is in flight (Ladder, Kraken)."""
+    """Bytes one device reads while each overlapped sync of one decode step is in flight (Ladder, Kraken, DTP)."""
     h, e = cfg.hidden_size, cfg.head_dim
     if cfg.arch == "ladder":
         q, kv = math.ceil(cfg.n_heads / devices), math.ceil(cfg.n_kv_heads / devices)
@@ -469,6 +463,9 @@ def hidden_work_per_sync(cfg: ModelConfig, *, devices: int, precision: float = 2
         lanes, d, n, k = _lanes_per_device(cfg, devices), h, cfg.lane_heads, cfg.lane_kv_heads
         attn = lanes * (2 * d * n * cfg.lane_head_dim + 2 * d * k * cfg.lane_head_dim + d) * precision
         return [attn] * (cfg.n_layers - 1)
+    if cfg.arch == "dtp":  # a sum started after sub-layer t of layer i is awaited at sub-layer t of layer i + δ
+        layer = (decode_bytes(cfg, devices=devices, precision=precision).layer_weights / precision - h) / cfg.n_layers
+        return [cfg.broadcast_delay * layer * precision] * overlapped_syncs_for_config(cfg)
     return []
 
 
@@ -485,12 +482,12 @@ def exposed_overlapped_time(
 
 
 def schedule_name(cfg: ModelConfig) -> str:
-    """The communication schedule of a config: llama_tp, tp_blocks, track, palm, ladder or kraken."""
+    """The communication schedule of a config: llama_tp, tp_blocks, track, palm, ladder, kraken or dtp."""
     if cfg.arch == "llama":
         return "llama_tp"
     if cfg.arch == "tp_blocks":
         return "track" if cfg.recipe == "track" else "tp_blocks"
-    return cfg.arch
+    return cfg.arch  # palm, ladder, kraken, dtp
 
 
 def speedup(baseline: Prediction, candidate: Prediction) -> float:

@@ -12,6 +12,7 @@ Calls (shapes: l lanes held here, b batch, s sequence, d lane width, h model wid
   lane_reduce(x_bsd)            blocking   sum over the lane ranks of per-rank partial sums (Parallel Track merge)
   lane_gather(x_bsf)            blocking   concatenate the merged slices of the lanes of all ranks -> x_bsh
   lane_sum_start(x_lbsd)        async      start summing a lane state over *all* lanes; .wait() -> x_bsd
+  lane_sum_now(x_lbsd)          blocking   the same sum, now (DTP's "present" layers); every lane uses it
   vocab_gather(x_bsf)           blocking   a vocab-parallel head: concatenate the ranks' logit shards (or the
                                          few candidates each rank proposes for the next token)
 """
@@ -53,6 +54,23 @@ class SyncCounter:
 
     def snapshot(self) -> dict:
         return {"blocking": self.blocking, "overlapped": self.overlapped, **dict(self.by_kind)}
+
+
+@dataclass(frozen=True)
+class SyncPlan:
+    """Communication points of one forward (= one decode token): ``blocking`` on the critical path, ``overlapped``
+    started and awaited later. Each stage class declares its own (``sync_plan(cfg)``, next to the calls it makes);
+    ``tpblocks.models.model.sync_plan`` sums them for a config: the one count perfmodel, the audit and posthoc use.
+    """
+
+    blocking: int = 0
+    overlapped: int = 0
+
+    def __add__(self, other: SyncPlan) -> SyncPlan:
+        return SyncPlan(self.blocking + other.blocking, self.overlapped + other.overlapped)
+
+    def __mul__(self, times: int) -> SyncPlan:
+        return SyncPlan(self.blocking * times, self.overlapped * times)
 
 
 class PendingSum:
@@ -104,6 +122,12 @@ class Communicator:
         if not self.enabled:
             return PendingSum(x_lbsd.sum(0))
         return self._lane_sum_start(x_lbsd)
+
+    def lane_sum_now(self, x_lbsd: torch.Tensor) -> torch.Tensor:
+        self.counter.add("lane_sum_now", blocking=True)
+        if not self.enabled:
+            return x_lbsd.sum(0)
+        return self._lane_sum_start(x_lbsd).wait()  # its backward all-reduces too: each lane used the sum
 
     def vocab_gather(self, logits: torch.Tensor) -> torch.Tensor:
         self.counter.add("vocab_gather", blocking=True)

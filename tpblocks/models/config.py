@@ -16,9 +16,12 @@ Vocabulary used throughout (report §4):
                                     G tracks synchronised every lane_depth layers)
   arch                  "llama" (baseline), "tp_blocks" (the above), and the other schedules of
                         ``schedules.py``: "palm" (parallel attention+FFN), "ladder" (Ladder residual),
-                        "kraken" (G lanes of n_layers, lane_count = G)
+                        "kraken" (G lanes of n_layers, lane_count = G), and "dtp" (Delayed Tensor Parallelism,
+                        Kog's Laneformer: ``dtp.py``)
   tp_block_repetition   number of (TP block + n_classic_layers classic layers) groups (block mixing, §4.3)
   comm_start/interleave/length   delayed communication (§4.2), see ``delayed_sends``
+  broadcast_delay (δ)   arch="dtp": a layer from δ on receives the other lanes' partial outputs of layer i - δ
+  sliding_window        any arch: windowed causal attention on the layers ``windowed_layers`` names
 """
 
 from __future__ import annotations
@@ -30,11 +33,14 @@ from typing import Literal
 from tpblocks.typed import check_fields
 from tpblocks.typed import require as _require
 
-Arch = Literal["llama", "tp_blocks", "palm", "ladder", "kraken"]
+Arch = Literal["llama", "tp_blocks", "palm", "ladder", "kraken", "dtp"]
 Recipe = Literal["sandwich", "burger", "track"]
 Reception = Literal["sum", "mean", "gated"]
+LaneHead = Literal["replicate", "lane", "vocab_parallel"]
+DTPRule = Literal["present", "past", "no_reduce"]
 
-ARCHS = ("llama", "tp_blocks", "palm", "ladder", "kraken")
+ARCHS = ("llama", "tp_blocks", "palm", "ladder", "kraken", "dtp")
+LANE_HEADS = ("replicate", "lane", "vocab_parallel")
 DENSE_ARCHS = ("llama", "palm", "ladder")  # stacks of n_layers full-width layers, Megatron-sharded
 RECIPES = ("sandwich", "burger", "track")
 RECEPTIONS = ("sum", "mean", "gated")
@@ -80,6 +86,24 @@ class ModelConfig:
     # model and learns how much to listen. See docs in tpblocks/models/delayed.py.
     comm_reception: Reception = "gated"
 
+    # --- Delayed Tensor Parallelism (arch="dtp", Kog's Laneformer; dtp.py). lane_count lanes, each a full-width
+    # residual stream holding 1/lane_count of the n_layers layers' heads and FFN (Megatron shards per lane).
+    broadcast_delay: int = 2  # δ: layer i >= δ adds the other lanes' sub-layer outputs of layer i - δ ("past")
+    use_comm: bool = True  # False: every layer "no_reduce" (own output x sqrt(L)): L independent lanes
+    use_early_comm: bool = True  # layers below δ: "present" (all-reduce now) if True, else "no_reduce"
+    # Whether a "present" layer's outputs are also received δ layers later (their cross-lane terms then arrive
+    # twice). The sources do not settle it; the older Laneformer code does (default).
+    early_comm_resend: bool = True
+    lm_head_type: LaneHead = "replicate"  # replicate: norm per lane, mean, Linear(h, V); lane: Linear(L h, V);
+    # vocab_parallel: lane l produces vocabulary slice l
+    pre_norm_lane_agg: bool = False  # replicate head: sum the lanes, then the final norm
+    replicated_rmsn_scale: bool = True  # one RMSNorm weight (h) for all lanes; False: one per lane (L, h)
+
+    # --- any arch ---
+    rope_interleaved: bool = False  # complex-pair RoPE (Meta / Laneformer) instead of rotate-half (Hugging Face)
+    sliding_window: int | None = None  # keys a query sees (itself included) on windowed layers; None: no window
+    sliding_window_n_layers: int | None = None  # n: the first n layers, -n: the last n, None: every layer
+
     extra: dict = field(default_factory=dict, compare=False)  # free-form tags (flavor name, budget, ...)
 
     def __post_init__(self) -> None:
@@ -98,8 +122,11 @@ class ModelConfig:
         self._check_heads("classic layers", self.hidden_size, self.n_heads, self.n_kv_heads, "n_heads", "n_kv_heads")
         if self.arch != "tp_blocks":
             _require(self.n_layers > 0, f"n_layers={self.n_layers} must be >= 1 for arch={self.arch!r}")
+        self._check_sliding_window()
         if self.arch == "tp_blocks":
             self._check_tp_blocks()
+        elif self.arch == "dtp":
+            self._check_dtp()
         elif self.arch == "kraken":
             _require(self.lane_count >= 1, f"lane_count={self.lane_count} (Kraken's degree G) must be >= 1")
             self._check_heads(
@@ -117,6 +144,44 @@ class ModelConfig:
         _require(
             (width // heads) % 2 == 0,
             f"head dim {width // heads} of {where} must be even for RoPE; change {heads_name} or the hidden size",
+        )
+
+    def _check_sliding_window(self) -> None:
+        if self.sliding_window is None:
+            _require(self.sliding_window_n_layers is None, "sliding_window_n_layers is set but sliding_window is not")
+            return
+        _require(self.sliding_window >= 1, f"sliding_window={self.sliding_window} must be >= 1 (keys per query)")
+        n, depth = self.sliding_window_n_layers, self.n_decoder_layers
+        _require(
+            n is None or abs(n) <= depth,
+            f"sliding_window_n_layers={n} names more layers than the model's {depth} (use -{depth}..{depth} or null)",
+        )
+
+    def _check_dtp(self) -> None:
+        L = self.lane_count
+        _require(L >= 1, f"lane_count={L} (Laneformer num_lanes) must be >= 1")
+        for name, value in (("n_heads", self.n_heads), ("n_kv_heads", self.n_kv_heads), ("FFN size", self.ffn_hidden)):
+            _require(value % L == 0, f"{name}={value} must be a multiple of lane_count={L}: lane l holds 1/L of them")
+        _require(self.broadcast_delay >= 1, f"broadcast_delay={self.broadcast_delay} must be >= 1 layer")
+        _require(self.lm_head_type in LANE_HEADS, f"lm_head_type={self.lm_head_type!r}; choose one of {LANE_HEADS}")
+        _require(
+            not (self.tie_embeddings and self.lm_head_type == "lane"),
+            "lm_head_type='lane' is Linear(lane_count x hidden, vocab): it cannot be tied to the (vocab, hidden) "
+            "embedding; set tie_embeddings=false",
+        )
+        _require(
+            not (self.tie_embeddings and self.lm_head_type == "vocab_parallel"),
+            "lm_head_type='vocab_parallel': lane l's vocabulary rows live on lane l's rank while the embedding is "
+            "whole on every rank, so they cannot stay tied once sharded; set tie_embeddings=false",
+        )
+        _require(
+            self.lm_head_type != "vocab_parallel" or self.vocab_size % L == 0,
+            f"lm_head_type='vocab_parallel' needs vocab_size={self.vocab_size} to be a multiple of lane_count={L}",
+        )
+        _require(
+            not self.pre_norm_lane_agg or (self.lm_head_type == "replicate" and self.replicated_rmsn_scale),
+            "pre_norm_lane_agg sums the lanes before one final norm: it needs lm_head_type='replicate' and "
+            "replicated_rmsn_scale=true",
         )
 
     def _check_tp_blocks(self) -> None:
@@ -202,6 +267,35 @@ class ModelConfig:
         return tuple(
             d for d in range(self.comm_start, self.lane_depth, period) if d + self.comm_length <= self.lane_depth - 1
         )
+
+    @property
+    def dtp_rules(self) -> tuple[DTPRule, ...]:
+        """arch="dtp": how each layer combines its lanes' sub-layer outputs (dtp.py)."""
+        if not self.use_comm:
+            return ("no_reduce",) * self.n_layers
+        early = "present" if self.use_early_comm else "no_reduce"
+        return tuple(early if i < self.broadcast_delay else "past" for i in range(self.n_layers))
+
+    @property
+    def dtp_sends(self) -> tuple[bool, ...]:
+        """arch="dtp": whether layer i's lane outputs are received by layer i + δ (which exists and is "past")."""
+        rules = self.dtp_rules
+        return tuple(
+            i + self.broadcast_delay < self.n_layers
+            and rules[i + self.broadcast_delay] == "past"
+            and (rules[i] != "present" or self.early_comm_resend)
+            for i in range(self.n_layers)
+        )
+
+    @property
+    def windowed_layers(self) -> tuple[int, ...]:
+        """Sequential layer indices (0 .. n_decoder_layers - 1) whose attention is windowed."""
+        if self.sliding_window is None:
+            return ()
+        depth, n = self.n_decoder_layers, self.sliding_window_n_layers
+        if n is None:
+            return tuple(range(depth))
+        return tuple(range(n)) if n >= 0 else tuple(range(depth + n, depth))
 
     @property
     def n_decoder_layers(self) -> int:

@@ -167,6 +167,26 @@ def debug_kraken() -> ModelConfig:
     return debug_llama().replace(arch="kraken", lane_count=2, lane_n_heads=2, lane_n_kv_heads=1, lane_ffn_factor=1.0)
 
 
+def laneformer_2b() -> ModelConfig:
+    """Kog's Laneformer 2B release as the secondary sources describe it (issue 17): 8 lanes, δ = 2, 15 layers,
+    hidden 3072, 32 heads / 16 KV heads, FFN 12288, vocab 32000 (Llama-2 tokenizer), untied, interleaved RoPE,
+    sliding window 512 on 10 of the 15 layers (the sources do not say which 10: the first, here), context 4096.
+    2,320,069,632 parameters (tests/test_models_dtp.py builds it on the meta device)."""
+    return ModelConfig(
+        arch="dtp", lane_count=8, broadcast_delay=2, n_layers=15, hidden_size=3072, n_heads=32, n_kv_heads=16,
+        ffn_hidden_size=12288, vocab_size=LLAMA2_VOCAB, tie_embeddings=False, rope_interleaved=True,
+        sliding_window=512, sliding_window_n_layers=10, max_seq_len=4096,
+    )  # fmt: skip
+
+
+def debug_dtp() -> ModelConfig:
+    """A CPU-sized Laneformer: 2 lanes, δ = 1, 4 layers (1 present, 3 past), sliding window 6 on the first 2."""
+    return laneformer_2b().replace(
+        lane_count=2, broadcast_delay=1, n_layers=4, hidden_size=64, n_heads=4, n_kv_heads=2, ffn_hidden_size=128,
+        vocab_size=256, sliding_window=6, sliding_window_n_layers=2, max_seq_len=256,
+    )  # fmt: skip
+
+
 def debug_track() -> ModelConfig:
     """Parallel Track: 2 tracks (half the heads and FFN each) synchronised every 2 layers, 2 blocks = 4 layers."""
     return ModelConfig(
@@ -189,6 +209,8 @@ FLAVORS: dict[str, Callable[[], ModelConfig]] = {
     "debug_ladder": debug_ladder,
     "debug_kraken": debug_kraken,
     "debug_track": debug_track,
+    "debug_dtp": debug_dtp,
+    "laneformer_2b": laneformer_2b,
     **{f"burger_t4_{i}": (lambda i=i: burger_table4(i)) for i in _TABLE4},
     **{
         f"lane{n}_{recipe}": (lambda n=n, recipe=recipe: lane_family(n, recipe))

@@ -66,9 +66,13 @@ def _check_against_manifest(path: Path) -> None:
 
 
 def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> TransformerLM:
-    """Rebuild a model from a file written by ``save_model`` (or a checkpoint directory holding model.pt).
-    A damaged, truncated or foreign file is one ValueError naming it."""
+    """Rebuild a model from a file written by ``save_model`` (or a checkpoint directory holding model.pt, or a
+    Laneformer directory: ``laneformer.py``). A damaged, truncated or foreign file is one ValueError naming it."""
     path = Path(path)
+    from .laneformer import is_laneformer_dir, load_laneformer
+
+    if path.is_dir() and is_laneformer_dir(path):
+        return load_laneformer(path).to(map_location)
     if path.is_dir():
         path = path / "model.pt"
     if not path.exists():

@@ -16,6 +16,14 @@ from __future__ import annotations
 import torch
 
 
+def causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """(s, t) boolean mask: query position p sees key positions k <= p, and only k > p - window when windowed."""
+    mask_st = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        mask_st = mask_st & (k_pos[None, :] > q_pos[:, None] - window)
+    return mask_st
+
+
 class KVCache:
     static = False
 
@@ -66,7 +74,8 @@ class StaticKVCache:
     shape, so a decode step has no shape that changes from token to token. The position is not held here:
     each forward gets a positioned view, ``cache.at(input_pos)``, whose ``input_pos`` tensor (s,) says where
     the s new tokens go. Attention then reads the whole buffer with the mask ``key position <= query
-    position``: positions not yet written (zeros) are masked out, so the graph never slices by a length.
+    position`` (and ``> query position - window`` on sliding-window layers): positions not yet written (zeros)
+    are masked out, so the graph never slices by a length.
 
     ``shapes[slot] = (B, k, e)``: the slot's batch (lanes folded in: l*b), KV heads and head dim.
     """
@@ -100,8 +109,13 @@ class CacheAt:
     def __init__(self, cache: StaticKVCache, input_pos: torch.Tensor):
         self.cache = cache
         self.input_pos = input_pos
-        # (s, t) causal mask over the whole buffer, shared by every layer of this forward.
-        self.mask_st = cache.key_pos[None, :] <= input_pos[:, None]
+        self._masks: dict[int | None, torch.Tensor] = {}  # (s, t) masks over the whole buffer, one per window size
+
+    def mask(self, window: int | None = None) -> torch.Tensor:
+        """Key position <= query position (and > query position - ``window``), shared by the layers of a forward."""
+        if window not in self._masks:
+            self._masks[window] = causal_mask(self.input_pos, self.cache.key_pos, window)
+        return self._masks[window]
 
     @property
     def position(self) -> torch.Tensor:

@@ -24,6 +24,11 @@ def _stacked(l: int, *shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(l, *shape))
 
 
+def lane_scale(weight: torch.Tensor) -> torch.Tensor:
+    """An RMSNorm weight broadcast over (l, b, s, d): per lane (l, d), or shared by every lane (d,)."""
+    return weight[:, None, None, :] if weight.dim() == 2 else weight
+
+
 def lane_matmul(x_lbsd: torch.Tensor, w_ldk: torch.Tensor) -> torch.Tensor:
     """(l, b, s, d) @ (l, d, k) -> (l, b, s, k) as one batched matmul."""
     l, b, s, d = x_lbsd.shape
@@ -65,24 +70,31 @@ class LaneLayer(nn.Module):
         eps: float,
         rope: RotaryEmbedding,
         lane_offset: int = 0,
+        head_dim: int | None = None,
+        shared_norms: bool = False,
     ):
+        """``head_dim`` defaults to width / n_heads (a lane holding all its heads); a Megatron-style lane (DTP)
+        holds n_heads of a wider model's heads. ``shared_norms``: one RMSNorm weight (width,) for every lane
+        instead of one per lane (l, width); placement keeps 1-D parameters whole (they are not lane-stacked)."""
         super().__init__()
-        self.head_dim = width // n_heads
+        self.head_dim = head_dim or width // n_heads
         self.eps = eps
         self.rope = rope
         self.lane_offset = lane_offset  # global index of this module's first lane
         self.burger_write = out_size != width
         e = self.head_dim
-        self.attn_norm = nn.Parameter(torch.ones(lanes, width))
+        norm_shape = (width,) if shared_norms else (lanes, width)
+        self.attn_norm = nn.Parameter(torch.ones(norm_shape))
         self.wq = _stacked(lanes, width, n_heads * e)
         self.wk = _stacked(lanes, width, n_kv_heads * e)
         self.wv = _stacked(lanes, width, n_kv_heads * e)
         self.wo = _stacked(lanes, n_heads * e, width)
-        self.ffn_norm = nn.Parameter(torch.ones(lanes, width))
+        self.ffn_norm = nn.Parameter(torch.ones(norm_shape))
         self.w_gate = _stacked(lanes, width, ffn_hidden)
         self.w_up = _stacked(lanes, width, ffn_hidden)
         self.w_down = _stacked(lanes, ffn_hidden, out_size)
         self.cache_slot = -1
+        self.window: int | None = None  # sliding-window attention (set by the model)
 
     @property
     def lanes(self) -> int:
@@ -107,13 +119,13 @@ class LaneLayer(nn.Module):
         l, b, s, _ = x_lbsd.shape
         e = self.head_dim
         start = cache.position if cache is not None else 0
-        xn = rms_norm(x_lbsd, self.attn_norm[:, None, None, :], self.eps)
+        xn = rms_norm(x_lbsd, lane_scale(self.attn_norm), self.eps)
         # Lanes fold into the batch axis for attention: (l*b, heads, s, e).
         q = lane_matmul(xn, self.wq).view(l * b, s, -1, e).transpose(1, 2)
         k = lane_matmul(xn, self.wk).view(l * b, s, -1, e).transpose(1, 2)
         v = lane_matmul(xn, self.wv).view(l * b, s, -1, e).transpose(1, 2)
         q, k = self.rope(q, start), self.rope(k, start)
-        o = attend(q, k, v, cache, self.cache_slot)  # (l*b, n, s, e)
+        o = attend(q, k, v, cache, self.cache_slot, self.window)  # (l*b, n, s, e)
         o_lbsf = o.transpose(1, 2).reshape(l, b, s, -1)
         return lane_matmul(o_lbsf, self.wo)
 
@@ -122,7 +134,7 @@ class LaneLayer(nn.Module):
 
     def ffn_activation(self, x_lbsd: torch.Tensor) -> torch.Tensor:
         """silu(xn W_gate) * (xn W_up) of the normed input, (l, b, s, f)."""
-        xn = rms_norm(x_lbsd, self.ffn_norm[:, None, None, :], self.eps)
+        xn = rms_norm(x_lbsd, lane_scale(self.ffn_norm), self.eps)
         g_lbsf, u_lbsf = lane_matmul(xn, self.w_gate), lane_matmul(xn, self.w_up)
         if kernel_dispatch.use_triton(g_lbsf):
             from kernels import ops  # fused Triton SwiGLU (kernels/swiglu.py)

@@ -18,8 +18,8 @@ from torch import nn
 
 from kernels import dispatch as kernel_dispatch
 
-from .comm import Communicator
-from .kv_cache import KVCache
+from .comm import Communicator, SyncPlan
+from .kv_cache import KVCache, causal_mask
 
 
 class RMSNorm(nn.Module):
@@ -45,21 +45,36 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotate-half RoPE (the Hugging Face Llama layout, so checkpoints convert without permuting q/k)."""
+    """RoPE in one of two layouts of the same rotation (frequency i turns a pair of features by pos x theta^-2i/e):
 
-    def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0):
+    * rotate-half (default, the Hugging Face Llama layout): pair (i, i + e/2), so HF checkpoints convert as they are;
+    * ``interleaved`` (the complex-pair form of Meta's Llama code and Kog's Laneformer): pair (2i, 2i + 1).
+
+    Both are ``x * cos + partner(x) * sin_signed``, where partner(x) puts each feature's pair partner in its place.
+    """
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0, interleaved: bool = False):
         super().__init__()
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         pos = torch.arange(max_seq_len, dtype=torch.float32)
         freqs = torch.outer(pos, inv_freq)
-        emb = torch.cat([freqs, freqs], dim=-1)
-        # rotate_half(x) * sin == roll(x, e/2) * [-sin, sin]: one roll instead of chunk + neg + cat (2x faster fwd+bwd).
-        sin_signed = torch.cat([-freqs.sin(), freqs.sin()], dim=-1)
+        if interleaved:  # features (2i, 2i+1) share frequency i: partner = swap within each pair
+            emb = freqs.repeat_interleave(2, dim=-1)
+            sin_signed = torch.stack([-freqs.sin(), freqs.sin()], dim=-1).flatten(-2)
+        else:  # rotate_half(x) * sin == roll(x, e/2) * [-sin, sin]: one roll instead of chunk + neg + cat
+            emb = torch.cat([freqs, freqs], dim=-1)
+            sin_signed = torch.cat([-freqs.sin(), freqs.sin()], dim=-1)
         # Not persistent: derived from the config, so checkpoints stay small and dtype casts don't round it.
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin_signed", sin_signed, persistent=False)
         self.max_seq_len = max_seq_len
         self.half = head_dim // 2
+        self.interleaved = interleaved
+
+    def partner(self, x: torch.Tensor) -> torch.Tensor:
+        if self.interleaved:
+            return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+        return x.roll(self.half, dims=-1)
 
     def forward(self, x_bnse: torch.Tensor, position: int | torch.Tensor) -> torch.Tensor:
         """Rotate by absolute position: ``position`` is the first new token's (int) or every new token's (s,)."""
@@ -74,7 +89,7 @@ class RotaryEmbedding(nn.Module):
                 )
             cos, sin_signed = self.cos[position : position + s], self.sin_signed[position : position + s]
         cos, sin_signed = cos.to(x_bnse.dtype), sin_signed.to(x_bnse.dtype)
-        return x_bnse * cos + x_bnse.roll(self.half, dims=-1) * sin_signed
+        return x_bnse * cos + self.partner(x_bnse) * sin_signed
 
 
 def attend(
@@ -83,23 +98,33 @@ def attend(
     v_bkse: torch.Tensor,
     cache: KVCache | None,
     cache_slot: int,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Causal grouped-query attention over the new keys, or over the KV cache when one is given.
 
     With a cache the new k/v are written at the cache's current position and attention runs over all cached
     positions; queries are offset so that position p attends to positions <= p. A static cache
     (``StaticKVCache.at``) always runs over its whole buffer with its mask: one shape for every step.
+    ``window``: sliding-window attention, position p sees only the ``window`` positions up to p.
     """
     s = q_bnse.shape[-2]
     gqa = q_bnse.shape[1] != k_bkse.shape[1]
     start = 0
     if cache is not None and cache.static:  # the whole preallocated buffer, masked to positions <= the query's
         k_bkse, v_bkse = cache.update(cache_slot, k_bkse, v_bkse)
-        return F.scaled_dot_product_attention(q_bnse, k_bkse, v_bkse, attn_mask=cache.mask_st, enable_gqa=gqa)
+        mask_st = cache.mask(window)
+        return F.scaled_dot_product_attention(q_bnse, k_bkse, v_bkse, attn_mask=mask_st, enable_gqa=gqa)
     if cache is not None:
         start = cache.pos
         k_bkse, v_bkse = cache.update(cache_slot, k_bkse, v_bkse)
     t = k_bkse.shape[-2]
+    if window is not None and window < t:  # the window hides some keys from some queries
+        if s == 1:  # one decode token: its window is the last ``window`` keys
+            k_bkse, v_bkse, t = k_bkse[:, :, t - window :], v_bkse[:, :, t - window :], window
+        else:
+            q_pos = torch.arange(start, start + s, device=q_bnse.device)
+            mask_st = causal_mask(q_pos, torch.arange(t, device=q_bnse.device), window)
+            return F.scaled_dot_product_attention(q_bnse, k_bkse, v_bkse, attn_mask=mask_st, enable_gqa=gqa)
     if start == 0:
         return F.scaled_dot_product_attention(q_bnse, k_bkse, v_bkse, is_causal=s > 1, enable_gqa=gqa)
     if s == 1:  # one decode token sees the whole cache: no mask needed
@@ -109,7 +134,7 @@ def attend(
             return ops.decode_attention(q_bnse.squeeze(2), k_bkse, v_bkse, t).unsqueeze(2)
         return F.scaled_dot_product_attention(q_bnse, k_bkse, v_bkse, enable_gqa=gqa)
     q_pos = torch.arange(start, start + s, device=q_bnse.device)
-    mask_st = q_pos[:, None] >= torch.arange(t, device=q_bnse.device)[None, :]
+    mask_st = causal_mask(q_pos, torch.arange(t, device=q_bnse.device))
     return F.scaled_dot_product_attention(q_bnse, k_bkse, v_bkse, attn_mask=mask_st, enable_gqa=gqa)
 
 
@@ -126,6 +151,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(n_heads * self.head_dim, hidden, bias=False)
         self.rope = rope
         self.cache_slot = -1  # set by the model: index of this layer's entry in a KVCache
+        self.window: int | None = None  # set by the model on sliding-window layers (cfg.windowed_layers)
 
     def kv_cache_shape(self, batch: int) -> tuple[int, int, int]:
         """(batch, KV heads held here, head dim) of this layer's cache entry (a TP shard holds fewer heads)."""
@@ -139,7 +165,7 @@ class Attention(nn.Module):
         k = self.wk(x_bsh).view(b, s, -1, self.head_dim).transpose(1, 2)
         v = self.wv(x_bsh).view(b, s, -1, self.head_dim).transpose(1, 2)
         q, k = self.rope(q, start), self.rope(k, start)
-        o_bnse = attend(q, k, v, cache, self.cache_slot)
+        o_bnse = attend(q, k, v, cache, self.cache_slot, self.window)
         return self.wo(o_bnse.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -166,13 +192,13 @@ class DecoderLayer(nn.Module):
         self.ffn_norm = RMSNorm(hidden, eps)
         self.ffn = FeedForward(hidden, ffn_hidden)
 
+    @staticmethod
+    def sync_plan(cfg=None) -> SyncPlan:
+        return SyncPlan(blocking=2)  # Eq. 9: the attention and the FFN row-parallel sums
+
     def forward(self, x_bsh: torch.Tensor, comm: Communicator, cache: KVCache | None = None) -> torch.Tensor:
         x_bsh = x_bsh + comm.tp_reduce(self.attn(self.attn_norm(x_bsh), cache))  # sync 1
         return x_bsh + comm.tp_reduce(self.ffn(self.ffn_norm(x_bsh)))  # sync 2
-
-
-def init_linear_(weight: torch.Tensor, std: float) -> None:
-    nn.init.normal_(weight, mean=0.0, std=std)
 
 
 def residual_std(init_std: float, n_residual_writes: int) -> float:

@@ -6,6 +6,8 @@ Stages are the sequential units of the model:
   arch="palm"       n_layers ParallelLayers                                             (schedules.py)
   arch="ladder"     one LadderStack of n_layers DecoderLayers
   arch="kraken"     one KrakenBlock of lane_count lanes x n_layers
+  arch="dtp"        one DTPStack of lane_count full-width lanes x n_layers (Delayed Tensor Parallelism, dtp.py);
+                    the head aggregates its lanes (``lane_head_logits``)
 
 The model is pure PyTorch. Its communication points are calls on ``self.comm`` (a ``Communicator``);
 ``tpblocks.parallel`` swaps in a distributed communicator and shards weights from outside.
@@ -16,11 +18,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .comm import Communicator, LocalComm
+from .comm import Communicator, LocalComm, SyncPlan
 from .config import ModelConfig
+from .dtp import DTPStack, final_norm, lane_head_logits
 from .kv_cache import KVCache, StaticKVCache
-from .layers import DecoderLayer, RMSNorm, RotaryEmbedding, residual_std
+from .layers import DecoderLayer, RotaryEmbedding, residual_std
 from .schedules import KrakenBlock, LadderStack, ParallelLayer
+from .sizing import head_in_width
 from .tp_block import TPBlock
 
 
@@ -30,14 +34,17 @@ class TransformerLM(nn.Module):
         self.cfg = cfg
         self.comm = comm if comm is not None else LocalComm()
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.rope = self._rope(cfg.head_dim)
         self.stages = nn.ModuleList(self._build_stages(cfg))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.output = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.norm = final_norm(cfg)
+        self.output = nn.Linear(head_in_width(cfg), cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self._assign_cache_slots()
         self.reset_parameters()
+
+    def _rope(self, head_dim: int) -> RotaryEmbedding:
+        return RotaryEmbedding(head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, self.cfg.rope_interleaved)
 
     def _classic_layer(self, cfg: ModelConfig) -> DecoderLayer:
         return DecoderLayer(cfg.hidden_size, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_hidden, cfg.norm_eps, self.rope)
@@ -49,9 +56,11 @@ class TransformerLM(nn.Module):
             return [ParallelLayer(cfg, self.rope) for _ in range(cfg.n_layers)]
         if cfg.arch == "ladder":
             return [LadderStack([self._classic_layer(cfg) for _ in range(cfg.n_layers)])]
+        if cfg.arch == "dtp":
+            return [DTPStack(cfg, self.rope)]
         lane_rope = self.rope
         if cfg.lane_head_dim != cfg.head_dim:
-            lane_rope = RotaryEmbedding(cfg.lane_head_dim, cfg.max_seq_len, cfg.rope_theta)
+            lane_rope = self._rope(cfg.lane_head_dim)
         if cfg.arch == "kraken":
             return [KrakenBlock(cfg, lane_rope)]
         stages: list[nn.Module] = []
@@ -61,10 +70,13 @@ class TransformerLM(nn.Module):
         return stages
 
     def _assign_cache_slots(self) -> None:
+        """Number the attention modules in depth order (their KV-cache slots) and window the configured ones."""
         slot = 0
+        windowed = self.cfg.windowed_layers
         for module in self.modules():
             if hasattr(module, "cache_slot"):
                 module.cache_slot = slot
+                module.window = self.cfg.sliding_window if slot in windowed else None
                 slot += 1
         self.n_cache_slots = slot
 
@@ -75,7 +87,7 @@ class TransformerLM(nn.Module):
         out_std = residual_std(std, 2 * self.cfg.n_decoder_layers)
         for name, p in self.named_parameters():
             leaf = name.rsplit(".", 1)[-1]
-            if p.dim() == 1 or leaf in ("attn_norm", "ffn_norm"):
+            if p.dim() == 1 or leaf in ("attn_norm", "ffn_norm") or name == "norm.weight":
                 nn.init.ones_(p)
             elif leaf == "gate":
                 nn.init.zeros_(p)  # delayed-comm reception gates start closed (delayed.py)
@@ -87,8 +99,10 @@ class TransformerLM(nn.Module):
     # ------------------------------------------------------------------ forward
     @property
     def vocab_parallel(self) -> bool:
-        """True when the head holds a vocabulary shard (``shard_model(..., vocab_parallel_head=True)``)."""
-        return self.output.weight.shape[0] != self.cfg.vocab_size
+        """True when the head yields vocabulary shards: ``shard_model(..., vocab_parallel_head=True)``, or a DTP
+        model with ``lm_head_type="vocab_parallel"`` (in one process its one shard is the whole vocabulary)."""
+        lane_vocab = self.cfg.arch == "dtp" and self.cfg.lm_head_type == "vocab_parallel"
+        return lane_vocab or self.output.weight.shape[0] != self.cfg.vocab_size
 
     def forward(
         self, tokens_bs: torch.Tensor, cache: KVCache | None = None, gather_logits: bool = True
@@ -101,7 +115,10 @@ class TransformerLM(nn.Module):
         x_bsh = self.tok_embeddings(tokens_bs)
         for stage in self.stages:
             x_bsh = stage(x_bsh, self.comm, cache)
-        logits = self.output(self.norm(x_bsh))
+        if x_bsh.dim() == 4:  # DTP: the lanes' streams (l, b, s, h) are still apart
+            logits = lane_head_logits(x_bsh, self.norm, self.output, self.comm, self.cfg)
+        else:
+            logits = self.output(self.norm(x_bsh))
         if gather_logits and self.vocab_parallel:
             logits = self.comm.vocab_gather(logits)
         if cache is not None:
@@ -134,6 +151,27 @@ class TransformerLM(nn.Module):
     def num_parameters(self) -> int:
         """Parameters held by this process, embeddings included, tied weights counted once."""
         return sum(p.numel() for p in self.parameters())
+
+
+def sync_plan(cfg: ModelConfig, vocab_parallel_head: bool = False) -> SyncPlan:
+    """Communication points of one forward of ``cfg``: its stages' own declarations summed (what
+    ``comm.counter`` counts), without building it. The stages are ``TransformerLM._build_stages``'s.
+
+    The head adds one: DTP's lane aggregation, and the logit gather of a vocabulary-parallel head.
+    """
+    if cfg.arch == "llama":
+        plan = DecoderLayer.sync_plan() * cfg.n_layers
+    elif cfg.arch == "palm":
+        plan = ParallelLayer.sync_plan(cfg) * cfg.n_layers
+    elif cfg.arch == "ladder":
+        plan = LadderStack.sync_plan(cfg)
+    elif cfg.arch == "kraken":
+        plan = KrakenBlock.sync_plan(cfg)
+    elif cfg.arch == "dtp":
+        plan = DTPStack.sync_plan(cfg) + SyncPlan(blocking=1)
+    else:
+        plan = (TPBlock.sync_plan(cfg) + DecoderLayer.sync_plan() * cfg.n_classic_layers) * cfg.tp_block_repetition
+    return plan + SyncPlan(blocking=int(vocab_parallel_head))
 
 
 def build_model(cfg: ModelConfig, comm: Communicator | None = None) -> TransformerLM:

@@ -12,6 +12,8 @@ parameter count, embeddings included (report §6.1's rule, ``sizing.solve_hidden
   track     tp_blocks recipe "track": G tracks (n/G heads, FFN/G) of D     L / D blocking
             layers, L/D blocks
   burger    tp_blocks recipe "burger": one block of G lanes of depth L     1 blocking (the TP-block reference)
+  dtp       arch="dtp" (Laneformer): G full-width lanes, each a Megatron    2 δ + 1 blocking, 2 (L - 2 δ)
+            shard of every layer, delay δ = 2 (``dtp.py``)                 overlapped
 
 Named flavors (registered in ``flavors.FLAVORS``): ``schedule_<name>_tiny`` (CPU smoke training and tests,
 4 layers, G = 2) and ``schedule_<name>_150m`` (the §6 protocol: vocab 32,001 tied, 12 layers, 150M, G = 4).
@@ -24,7 +26,8 @@ from collections.abc import Callable
 from .config import ModelConfig
 from .sizing import solve_hidden_size, total_parameters
 
-SCHEDULE_NAMES = ("llama", "palm", "ladder", "kraken", "track", "burger")
+SCHEDULE_NAMES = ("llama", "palm", "ladder", "kraken", "track", "burger", "dtp")
+DTP_DELAY = 2  # Laneformer's broadcast_delay
 
 
 def schedule_config(
@@ -65,6 +68,10 @@ def schedule_config(
     elif schedule == "track":
         cfg = base.replace(arch="tp_blocks", recipe="track", lane_depth=track_depth,
                            tp_block_repetition=depth // track_depth, n_classic_layers=0, **narrow)  # fmt: skip
+    elif schedule == "dtp":  # the Llama's own layers cut into lanes: the same parameter count as the Llama
+        if base.n_kv_heads % degree:
+            raise ValueError(f"degree={degree} must divide n_kv_heads={base.n_kv_heads} (a DTP lane owns k/G KV heads)")
+        cfg = base.replace(arch="dtp", lane_count=degree, broadcast_delay=DTP_DELAY)
     else:
         cfg = base.replace(arch="tp_blocks", recipe="burger", lane_count=degree, lane_depth=depth,
                            tp_block_repetition=1, n_classic_layers=0, lane_n_heads=base.n_heads,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .comm import Communicator
+from .comm import Communicator, SyncPlan
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .lanes import LaneLayer
@@ -35,6 +35,10 @@ class ParallelLayer(nn.Module):
         self.attn_norm = RMSNorm(h, cfg.norm_eps)  # the one norm both branches read
         self.attn = Attention(h, cfg.n_heads, cfg.n_kv_heads, rope)
         self.ffn = FeedForward(h, cfg.ffn_hidden)
+
+    @staticmethod
+    def sync_plan(cfg: ModelConfig) -> SyncPlan:
+        return SyncPlan(blocking=1)
 
     def forward(self, x_bsh: torch.Tensor, comm: Communicator, cache: KVCache | None = None) -> torch.Tensor:
         xn = self.attn_norm(x_bsh)
@@ -52,6 +56,10 @@ class LadderStack(nn.Module):
     def __init__(self, layers: list[nn.Module]):
         super().__init__()
         self.layers = nn.ModuleList(layers)
+
+    @staticmethod
+    def sync_plan(cfg: ModelConfig) -> SyncPlan:
+        return SyncPlan(overlapped=2 * cfg.n_layers)  # every sub-layer's sum, awaited one sub-layer later
 
     def forward(self, x_bsh: torch.Tensor, comm: Communicator, cache: KVCache | None = None) -> torch.Tensor:
         in_flight = None
@@ -80,11 +88,16 @@ class KrakenBlock(nn.Module):
         self.lane_count = cfg.lane_count
         self.lane_offset = lane_offset
         self.layers = nn.ModuleList(
-            LaneLayer(lanes, h, cfg.lane_heads, cfg.lane_kv_heads, cfg.lane_ffn_hidden, h, cfg.norm_eps, rope,
-                      lane_offset)  # fmt: skip
+            LaneLayer(
+                lanes, h, cfg.lane_heads, cfg.lane_kv_heads, cfg.lane_ffn_hidden, h, cfg.norm_eps, rope, lane_offset
+            )  # fmt: skip
             for _ in range(cfg.n_layers)
         )
         self.proj = nn.Linear(cfg.lane_count * h, h, bias=False)
+
+    @staticmethod
+    def sync_plan(cfg: ModelConfig) -> SyncPlan:
+        return SyncPlan(blocking=1, overlapped=cfg.n_layers - 1)  # the final gather; layer l-1's lane sum
 
     def forward(self, x_bsh: torch.Tensor, comm: Communicator, cache: KVCache | None = None) -> torch.Tensor:
         b, s, h = x_bsh.shape

@@ -29,11 +29,25 @@ def lane_layer_params(cfg: ModelConfig) -> int:
     return _attention_params(d, cfg.lane_heads, cfg.lane_kv_heads) + 2 * d * f + f * cfg.lane_out_size + 2 * d
 
 
+def _dtp_norm_params(cfg: ModelConfig) -> int:
+    """One RMSNorm of a DTP model: shared by the lanes (h) or one per lane (L h)."""
+    return cfg.hidden_size * (1 if cfg.replicated_rmsn_scale else cfg.lane_count)
+
+
+def dtp_layer_params(cfg: ModelConfig) -> int:
+    """All lanes of one DTP layer: the dense layer's matrices (cut into lane shards), plus its two norms."""
+    return classic_layer_params(cfg) - 2 * cfg.hidden_size + 2 * _dtp_norm_params(cfg)
+
+
 def count_parameters(cfg: ModelConfig) -> dict[str, int]:
     """Parameter count by part; ``total`` includes embeddings (and the head when untied)."""
     h = cfg.hidden_size
-    parts = {"embedding": cfg.vocab_size * h, "head": 0 if cfg.tie_embeddings else cfg.vocab_size * h, "norm": h}
-    if cfg.arch in ("llama", "ladder"):
+    head = cfg.vocab_size * h * (cfg.lane_count if cfg.arch == "dtp" and cfg.lm_head_type == "lane" else 1)
+    parts = {"embedding": cfg.vocab_size * h, "head": 0 if cfg.tie_embeddings else head, "norm": h}
+    if cfg.arch == "dtp":
+        parts["norm"] = _dtp_norm_params(cfg)
+        parts["lane_layers"] = cfg.n_layers * dtp_layer_params(cfg)
+    elif cfg.arch in ("llama", "ladder"):
         parts["classic_layers"] = cfg.n_layers * classic_layer_params(cfg)
     elif cfg.arch == "palm":  # one shared norm per layer
         parts["classic_layers"] = cfg.n_layers * (classic_layer_params(cfg) - h)
@@ -60,6 +74,8 @@ def _norm_and_gate_parameters(cfg: ModelConfig) -> int:
     if cfg.arch in ("llama", "ladder", "palm"):
         per_layer = h if cfg.arch == "palm" else 2 * h  # PaLM layers share one norm
         return h + cfg.n_layers * per_layer
+    if cfg.arch == "dtp":
+        return (1 + 2 * cfg.n_layers) * _dtp_norm_params(cfg)
     if cfg.arch == "kraken":
         return h + cfg.n_layers * cfg.lane_count * 2 * h
     reps = cfg.tp_block_repetition
@@ -71,12 +87,17 @@ def attention_width_sum(cfg: ModelConfig) -> int:
     """Sum over every attention of (query heads x head dim): what the score and value matmuls scale with."""
     classic = cfg.n_heads * cfg.head_dim
     lane = cfg.lane_heads * cfg.lane_head_dim
-    if cfg.arch in ("llama", "ladder", "palm"):
+    if cfg.arch in ("llama", "ladder", "palm", "dtp"):
         return cfg.n_layers * classic
     if cfg.arch == "kraken":
         return cfg.n_layers * cfg.lane_count * lane
     per_block = cfg.lane_count * cfg.lane_depth * lane + cfg.n_classic_layers * classic
     return cfg.tp_block_repetition * per_block
+
+
+def head_in_width(cfg: ModelConfig) -> int:
+    """Input width of the output projection: L x h for DTP's ``lane`` head, h otherwise."""
+    return cfg.lane_count * cfg.hidden_size if cfg.arch == "dtp" and cfg.lm_head_type == "lane" else cfg.hidden_size
 
 
 def training_flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, int]:
@@ -87,7 +108,7 @@ def training_flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, int]:
     parameters it runs more attention (and element-wise work) than the Llama it is matched to.
     """
     parts = count_parameters(cfg)
-    head = cfg.vocab_size * cfg.hidden_size
+    head = cfg.vocab_size * head_in_width(cfg)
     matmul_params = parts["total"] - parts["embedding"] - parts["head"] + head - _norm_and_gate_parameters(cfg)
     flops = {"matmul": 6 * matmul_params, "attention": 12 * seq_len * attention_width_sum(cfg)}
     flops["total"] = flops["matmul"] + flops["attention"]
@@ -97,6 +118,8 @@ def training_flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, int]:
 def hidden_size_step(cfg: ModelConfig) -> int:
     """Smallest granularity of hidden sizes that keeps every head dim even and every split exact."""
     step = 2 * cfg.n_heads
+    if cfg.arch == "dtp":  # FFN (ffn_factor x h) split over the lanes: keep h a multiple of L as well
+        step = math.lcm(step, cfg.lane_count)
     if cfg.arch == "kraken":
         step = math.lcm(step, 2 * cfg.lane_heads)
     if cfg.arch == "tp_blocks":
@@ -107,7 +130,7 @@ def hidden_size_step(cfg: ModelConfig) -> int:
 
 def _ffn_unit_params(cfg: ModelConfig) -> int:
     """Parameters added by one more unit of intermediate size (lane FFNs for TP blocks, classic for Llama)."""
-    if cfg.arch in ("llama", "palm", "ladder"):
+    if cfg.arch in ("llama", "palm", "ladder", "dtp"):
         return cfg.n_layers * 3 * cfg.hidden_size
     per_lane = 2 * cfg.lane_hidden_size + cfg.lane_out_size
     if cfg.arch == "kraken":
@@ -118,7 +141,9 @@ def _ffn_unit_params(cfg: ModelConfig) -> int:
 def _close_gap_with_ffn(cfg: ModelConfig, budget: int) -> ModelConfig:
     """Grow the intermediate size of ``cfg`` (which is under budget) until the count is nearest ``budget``."""
     extra = round((budget - total_parameters(cfg)) / _ffn_unit_params(cfg))
-    if cfg.arch in ("llama", "palm", "ladder"):
+    if cfg.arch == "dtp":  # the FFN stays a multiple of the lane count (each lane holds F/L columns)
+        extra -= extra % cfg.lane_count
+    if cfg.arch in ("llama", "palm", "ladder", "dtp"):
         return cfg.replace(ffn_hidden_size=cfg.ffn_hidden + extra)
     return cfg.replace(lane_ffn_hidden_size=cfg.lane_ffn_hidden + extra)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .comm import Communicator
+from .comm import Communicator, SyncPlan
 from .config import ModelConfig
 from .delayed import Reception
 from .kv_cache import KVCache
@@ -75,6 +75,11 @@ class TPBlock(nn.Module):
             return own_slices(x_lbsd, self.lane_offset, self.slice_size)
         l, b, s, d = x_lbsd.shape
         return x_lbsd.permute(1, 2, 0, 3).reshape(b, s, l * d)
+
+    @staticmethod
+    def sync_plan(cfg: ModelConfig) -> SyncPlan:
+        """The merge (Track: the reduce) of one block, and its delayed sends (Eq. 10-11)."""
+        return SyncPlan(blocking=1, overlapped=len(cfg.delayed_sends))
 
     # ------------------------------------------------------------------ forward
     def forward(

@@ -17,8 +17,8 @@ from collections import Counter
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..infer.perfmodel import syncs_for_config
 from ..models.config import ModelConfig
+from ..models.model import sync_plan
 
 _NAMESPACES = ("_c10d_functional", "c10d")
 
@@ -74,5 +74,5 @@ class CollectiveAudit(TorchDispatchMode):
 
 
 def expected_syncs_per_token(cfg: ModelConfig) -> int:
-    """Blocking syncs of one forward of any schedule: ``perfmodel.syncs_for_config`` (one formula, report Eq. 9-11)."""
-    return syncs_for_config(cfg)
+    """Blocking syncs of one forward of any schedule: the model's sync plan (one place, report Eq. 9-11)."""
+    return sync_plan(cfg).blocking

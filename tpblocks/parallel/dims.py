@@ -94,8 +94,8 @@ def check_lane_degree(cfg: ModelConfig, lane: int) -> None:
     """Every constraint that sharding ``cfg`` over ``lane`` ranks imposes, with the fix in the message."""
     if lane == 1:
         return
-    # TP blocks (Sandwich / Burger / Track) and Kraken split their lanes over the ranks.
-    if cfg.arch == "tp_blocks" and cfg.lane_count % lane != 0:
+    # TP blocks (Sandwich / Burger / Track), Kraken and DTP split their lanes over the ranks.
+    if cfg.arch in ("tp_blocks", "dtp") and cfg.lane_count % lane != 0:
         raise ValueError(
             f"lane_count={cfg.lane_count} is not a multiple of the lane degree {lane}; every rank must hold the same "
             f"number of lanes (report §4.1: lane_count = G x k). Use lane_count in "

@@ -100,14 +100,41 @@ def _all_reduce_rows_hook(model_ref: weakref.ref, rows: torch.Tensor, full_rows:
 
 
 # ---------------------------------------------------------------------------------------------- sharding
-def _shard_lanes(block: nn.Module, prefix: str, rank: int, world: int, spec: ShardSpec) -> torch.Tensor:
-    """Keep this rank's lanes of every ``LaneLayer`` in ``block.layers`` (a TP or Kraken block); the lane index."""
+def _sum_grad_hook(model_ref: weakref.ref, kind: str):
+    """Gradient hook for a parameter every lane shares but each rank uses only for its own lanes: sum over ranks."""
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        model = model_ref()
+        comm = model.comm if model is not None else None
+        if not getattr(comm, "distributed", False):
+            return grad
+        comm.backward_counter.add(kind, blocking=True)
+        grad = grad.clone()
+        dist.all_reduce(grad, group=comm.group)
+        return grad
+
+    return hook
+
+
+def _shard_lanes(
+    block: nn.Module, prefix: str, rank: int, world: int, spec: ShardSpec, model_ref: weakref.ref | None = None
+) -> torch.Tensor:
+    """Keep this rank's lanes of every ``LaneLayer`` in ``block.layers`` (a TP, Kraken or DTP block); the lane index.
+
+    Lane-stacked parameters have the lane axis first. A 1-D parameter (a norm weight shared by all lanes, DTP) stays
+    whole; its gradient is summed over the lane group (each rank back-propagates only its lanes through it).
+    """
     index = _lane_index(block.lane_count, rank, world)
     offset = int(index[0])
     block.lane_offset = offset
     for i, layer in enumerate(block.layers):
         layer.lane_offset = offset
         for name, param in list(layer.named_parameters(recurse=False)):
+            if param.dim() == 1:
+                if model_ref is None:
+                    raise TypeError(f"{prefix}.layers.{i}.{name} is shared by the lanes: pass model_ref")
+                param.register_hook(_sum_grad_hook(model_ref, "shared_norm_grad"))
+                continue
             setattr(layer, name, _take(param, 0, index))
             spec[f"{prefix}.layers.{i}.{name}"] = (0, index)
     return index
@@ -203,7 +230,12 @@ def shard_model(model: TransformerLM, comm: Communicator, *, vocab_parallel_head
     if comm.tp_world != world or comm.tp_rank != rank:
         raise ValueError("tpblocks places classic-layer shards on the lane axis: comm.tp_* must equal comm.lane_*")
     check_lane_degree(model.cfg, world)
-    from .schedule_placement import shard_schedule_stage  # PaLM/Ladder/Kraken/Track
+    if vocab_parallel_head and model.cfg.arch == "dtp" and model.cfg.lm_head_type != "replicate":
+        raise ValueError(
+            f"vocab_parallel_head: a DTP model's {model.cfg.lm_head_type!r} head is already cut by lanes; "
+            "it applies to lm_head_type='replicate' only"
+        )
+    from .schedule_placement import shard_dtp_head, shard_schedule_stage  # PaLM/Ladder/Kraken/Track/DTP
 
     spec: ShardSpec = {}
     copies: Copies = {}
@@ -222,6 +254,8 @@ def shard_model(model: TransformerLM, comm: Communicator, *, vocab_parallel_head
                 stage.ffn.register_forward_pre_hook(_tp_enter_hook(model_ref))
             else:  # pragma: no cover - the model only builds these two stage types
                 raise TypeError(f"cannot place stage {prefix} of type {type(stage).__name__}")
+        if model.cfg.arch == "dtp":
+            shard_dtp_head(model, rank, world, spec)
         if vocab_parallel_head:
             _shard_head(model, rank, world, spec)
     model.shard_spec = spec

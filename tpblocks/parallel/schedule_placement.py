@@ -11,6 +11,11 @@
   KrakenBlock              lanes [r G/W, (r+1) G/W) of every LaneLayer          L-1 async lane sums + 1 gather
                            (lane_offset set); ``proj`` replicated
   TPBlock recipe "track"   its lanes, as for any TP block                       1 ``lane_reduce`` per block (g)
+  DTPStack (Laneformer)    lanes [r L/W, (r+1) L/W) of every layer; norms       2 per *present* layer (blocking),
+                           shared by all lanes stay whole (gradient summed)     2 per sending *past* layer (async)
+    its lane head          replicate: whole; lane: its lanes' column blocks;    1 (``lane_reduce`` / ``vocab_gather``)
+                           vocab_parallel: its lanes' vocabulary rows;
+                           per-lane final norm: its lanes
 
 Backward follows Megatron's f/g pairs: ``comm.tp_enter`` (f: identity forward, all-reduce backward) enters every
 sharded attention / FFN and every lane block, and the forward sums are g (all-reduce forward, identity backward).
@@ -32,11 +37,23 @@ import torch
 from torch import nn
 
 from ..models.comm import Communicator
+from ..models.dtp import DTPStack
+from ..models.model import TransformerLM
 from ..models.schedules import KrakenBlock, LadderStack, ParallelLayer
 from ..models.tp_block import TPBlock
-from .placement import Copies, ShardSpec, _shard_classic, _shard_lanes, _shard_tp_block, _tp_enter_hook
+from .placement import (
+    Copies,
+    ShardSpec,
+    _lane_index,
+    _shard_classic,
+    _shard_lanes,
+    _shard_tp_block,
+    _sum_grad_hook,
+    _take,
+    _tp_enter_hook,
+)
 
-SCHEDULE_STAGES = (ParallelLayer, LadderStack, KrakenBlock)
+SCHEDULE_STAGES = (ParallelLayer, LadderStack, KrakenBlock, DTPStack)
 
 
 # ---------------------------------------------------------------------------------------------- sharding
@@ -79,6 +96,9 @@ def shard_schedule_stage(
         # Lanes as in a TP block; ``proj`` reads the gathered (replicated) lanes: whole on every rank.
         _shard_lanes(stage, prefix, rank, world, spec)
         stage.register_forward_pre_hook(_tp_enter_hook(model_ref))
+    elif isinstance(stage, DTPStack):  # the replicated input is copied into lanes that each rank runs alone
+        _shard_lanes(stage, prefix, rank, world, spec, model_ref)
+        stage.register_forward_pre_hook(_tp_enter_hook(model_ref))
     elif isinstance(stage, TPBlock) and stage.recipe == "track":
         # Lanes are sliced like any TP block. lane_offset only steers Burger's own-slice write and Sandwich's
         # split, neither of which Track uses (copy in, sum of updates out), so it is bookkeeping here.
@@ -88,3 +108,25 @@ def shard_schedule_stage(
     else:
         return False
     return True
+
+
+def shard_dtp_head(model: TransformerLM, rank: int, world: int, spec: ShardSpec) -> None:
+    """This rank's part of a DTP lane head (module doc): the final norm and output weights of its lanes.
+
+    A ``replicate`` head reads the (replicated) lane mean: it stays whole, like any replicated head.
+    """
+    cfg = model.cfg
+    lanes = _lane_index(cfg.lane_count, rank, world)
+    if model.norm.weight.dim() == 2:  # one final norm per lane
+        model.norm.weight = _take(model.norm.weight, 0, lanes)
+        spec["norm.weight"] = (0, lanes)
+    elif not cfg.pre_norm_lane_agg:  # one norm every lane applies: each rank's gradient covers only its lanes
+        model.norm.weight.register_hook(_sum_grad_hook(weakref.ref(model), "shared_norm_grad"))
+    if cfg.lm_head_type == "replicate":
+        return
+    h, rows_per_lane = cfg.hidden_size, cfg.vocab_size // cfg.lane_count
+    dim, per_lane = (1, h) if cfg.lm_head_type == "lane" else (0, rows_per_lane)
+    index = (lanes[:, None] * per_lane + torch.arange(per_lane)[None, :]).reshape(-1)
+    model.output.weight = _take(model.output.weight, dim, index)
+    model.output.out_features, model.output.in_features = model.output.weight.shape
+    spec["output.weight"] = (dim, index)

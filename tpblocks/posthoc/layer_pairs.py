@@ -96,8 +96,8 @@ def apply_layer_pairs(model: TransformerLM, cfg: LayerPairConfig, inplace: bool 
 
 
 def expected_lp_syncs_per_token(n_layers: int, cfg: LayerPairConfig) -> int:
-    """Blocking syncs per forward with tensor parallelism outside the pairs: 2 per plain layer + 1 per pair."""
-    return 2 * (n_layers - 2 * cfg.n_pairs) + cfg.n_pairs
+    """Blocking syncs per forward with tensor parallelism outside the pairs: a plain layer's 2 + 1 per pair."""
+    return (DecoderLayer.sync_plan() * (n_layers - 2 * cfg.n_pairs)).blocking + cfg.n_pairs
 
 
 # ---------------------------------------------------------------------------------------------- 2-rank placement

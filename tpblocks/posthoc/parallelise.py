@@ -217,10 +217,10 @@ def parallelise(
 
 
 def expected_syncs_per_token(n_layers: int, cfg: ParallelConfig, start: int, end: int) -> int:
-    """Blocking syncs per forward of a 2-way tensor-parallel run: 2 per plain layer + 2 per group pass."""
+    """Blocking syncs per forward of a 2-way tensor-parallel run: a plain layer's 2 + 2 per group pass."""
     n_groups = (end - start) // cfg.rate if cfg.rate > 1 else 0
     plain = n_layers - n_groups * cfg.rate
-    return 2 * plain + n_groups * cfg.syncs_per_group()
+    return (DecoderLayer.sync_plan() * plain).blocking + n_groups * cfg.syncs_per_group()
 
 
 def effective_depth(n_layers: int, cfg: ParallelConfig, start: int, end: int) -> int:

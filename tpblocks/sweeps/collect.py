@@ -22,7 +22,7 @@ from typing import Any
 from .manifest import MANIFEST_NAME, read_manifest, read_summary
 
 COORD_KEYS = ("recipe", "arch", "lane_count", "lane_depth", "tp_blocks", "n_classic_layers", "comm_start",
-              "comm_interleave", "comm_length", "comm_reception", "scheduler", "seed")  # fmt: skip
+              "comm_interleave", "comm_length", "comm_reception", "broadcast_delay", "scheduler", "seed")  # fmt: skip
 _SEED_TAIL = re.compile(r"_seed\d+$")  # grids.point_name puts the seed last
 COLUMNS = (
     "sweep", "sweep_dir", "name", "status", *COORD_KEYS, "aspect_ratio", "hidden_size", "lane_hidden_size", "params",
@@ -119,6 +119,8 @@ def _model_columns(model: dict[str, Any] | None) -> dict[str, Any]:
         if model.get("delayed_comm"):
             out.update(comm_start=model.get("comm_start"), comm_interleave=model.get("comm_interleave"),
                        comm_length=model.get("comm_length"), comm_reception=model.get("comm_reception"))  # fmt: skip
+    elif model.get("arch") == "dtp":  # Delayed TP (Laneformer): full-width lanes, delay δ
+        out.update(arch="dtp", lane_count=model.get("lane_count"), broadcast_delay=model.get("broadcast_delay"))
     else:
         out["arch"] = model.get("arch")
     return out
@@ -215,7 +217,8 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None =
     if not rows:
         return "(no runs)"
     keep = [
-        c for c in (columns or ("name", "status", "params", "final_train_loss", "final_eval_loss", "step", "error"))
+        c
+        for c in (columns or ("name", "status", "params", "final_train_loss", "final_eval_loss", "step", "error"))
         if any(r.get(c) not in (None, "") for r in rows)
     ]
 

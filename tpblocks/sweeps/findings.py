@@ -180,6 +180,28 @@ def extremum_finding(configs: dict[str, Config], a: str, b: str, warmup_fraction
     return Finding(finding=title, verdict=verdict, evidence=evidence)
 
 
+def classic_layers_findings(configs: dict[str, Config], fallback: float) -> list[Finding]:
+    """§6.5 / Fig. 21: more classic layers after each TP block -> higher loss, "much more pronounced within the
+    sandwiches than the burgers" (4 blocks of 4 lanes x depth 3; ``sandwich_C{n}`` / ``burger_C{n}`` runs)."""
+    out, effects = [], {}
+    for recipe in ("sandwich", "burger"):
+        counts = sorted(int(m.group(1)) for k in configs if (m := re.fullmatch(rf"{recipe}_C(\d+)", k)))
+        if len(counts) < 2:
+            continue
+        few, many = configs[f"{recipe}_C{counts[0]}"], configs[f"{recipe}_C{counts[-1]}"]
+        title = "Fig. 21: more classic layers per TP block -> higher loss"
+        title += f" ({recipe.capitalize()}, {counts[-1]} vs {counts[0]})"
+        out.append(pair_finding(title, many, few, fallback))
+        effects[recipe] = (many.mean - few.mean, _margin(many, few, fallback))
+    if len(effects) == 2:
+        (d_s, m_s), (d_b, m_b) = effects["sandwich"], effects["burger"]
+        diff = d_s - d_b
+        evidence = f"effect Sandwich {d_s:+.3f} - effect Burger {d_b:+.3f} = {diff:+.3f} vs spread {m_s + m_b:.3f}"
+        out.append(Finding(finding="Fig. 21: the classic-layer effect is larger for Sandwich than for Burger",
+                           verdict=_verdict([diff], [m_s + m_b]), evidence=evidence))  # fmt: skip
+    return out
+
+
 def delayed_finding(configs: dict[str, Config], fallback: float) -> list[Finding]:
     """§6.6 / Fig. 22a: summed reception trains worse ("gradient issues"); the gated one is ours."""
     base = configs.get("sandwich_L4")
@@ -211,6 +233,7 @@ def findings(rows: Sequence[dict[str, Any]], loss: str = "final_eval_loss") -> t
         sandwich_vs_burger(configs, fallback),
         pair_finding("Fig. 18: Sandwich below Burger at 4 lanes", configs.get("burger_L4"), configs.get("sandwich_L4"),
                      fallback),  # fmt: skip
+        *classic_layers_findings(configs, fallback),
         *delayed_finding(configs, fallback),
     ]
     return [f for f in out if f.verdict != "not run" or f.finding.startswith(("Fig. 17d", "Fig. 18"))], note

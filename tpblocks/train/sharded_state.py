@@ -54,8 +54,12 @@ def _full_shape(local: torch.Tensor, dim: int, parts: int) -> torch.Size:
     return torch.Size(shape)
 
 
-def _as_dtensor(local: torch.Tensor, dim: int, mesh: DeviceMesh) -> DTensor:
+def _as_dtensor(local: torch.Tensor, dim: int, index: torch.Tensor, mesh: DeviceMesh) -> DTensor:
     """``local`` as the lane rank's even chunk ``Shard(dim)`` of the full tensor (replicated over dp)."""
+    n, rank = local.shape[dim], mesh["lane"].get_local_rank()
+    # Every placement so far (lanes, Megatron heads/rows, vocabulary rows) cuts even chunks in rank order; a new
+    # one that does not must be taught here, or its checkpoint would put rows in the wrong place.
+    assert torch.equal(index.cpu(), torch.arange(rank * n, (rank + 1) * n)), "not an even, in-order shard"
     shape = _full_shape(local, dim, mesh["lane"].size())
     stride = torch.empty(shape, device="meta").stride()
     return DTensor.from_local(local, mesh, [Replicate(), Shard(dim)], run_check=False, shape=shape, stride=stride)
@@ -94,7 +98,7 @@ class ShardMap:
         dim, index = self.spec[name]
         if name in self.copies:
             return _gathered(local, dim, index, self.mesh)
-        return _as_dtensor(local, dim, self.mesh)
+        return _as_dtensor(local, dim, index, self.mesh)
 
     def to_load(self, name: str, local: torch.Tensor, full_shape: torch.Size) -> torch.Tensor:
         """The tensor DCP reads into for ``name``: ``local`` itself (its storage, in place) where it can."""
@@ -102,7 +106,7 @@ class ShardMap:
             return local
         if name in self.copies:
             return local.new_empty(full_shape)  # copied into ``local`` by ``settle`` after the read
-        return _as_dtensor(local, self.spec[name][0], self.mesh)
+        return _as_dtensor(local, *self.spec[name], self.mesh)
 
     @torch.no_grad()
     def settle(self, name: str, local: torch.Tensor, loaded: torch.Tensor) -> None:
