@@ -27,16 +27,12 @@ from benchmarks.common import machine_info, print_table, write_json  # noqa: E40
 from tpblocks.infer import perfmodel as pm  # noqa: E402
 from tpblocks.models.schedule_flavors import SCHEDULE_NAMES  # noqa: E402
 
-CONF = REPO / "conf"
-
 
 def compose(experiment: str, overrides: list[str]):
     """The Hydra config ``launch/train.py +experiment=<experiment> <overrides>`` would run."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from tpblocks.config import compose as compose_config
 
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=[f"+experiment={experiment}", *overrides])
+    return compose_config([f"+experiment={experiment}", *overrides])
 
 
 def train_schedule(name: str, run_dir: Path, overrides: list[str]) -> dict:

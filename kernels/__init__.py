@@ -1,7 +1,7 @@
 """Triton kernels for lane-local layers and delayed-communication reception, each with a pure-torch reference.
 
 Modules (one kernel each; kernel + launcher + torch custom op + reference):
-  rms_norm          fused residual add + RMSNorm, forward and backward, per-lane weights in one launch
+  rms_norm          RMSNorm, forward and backward, per-lane weights in one launch
   swiglu            silu(g)*u, and the Burger down-projection that writes only each lane's own slice
   decode_attention  one-token GQA attention over the KV cache, RoPE on q, flash-decoding split + reduce
   reception         delayed reception x + gate * rmsnorm(mean of the other lanes) in one pass

@@ -21,24 +21,11 @@ from .dispatch import use_triton
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``weight * rmsnorm(x)``; ``weight`` is (d,) or per lane (l, 1, ..., 1, d) for ``x`` (l, ..., d)."""
     if use_triton(x) and _norm.group_weight(x, weight) is not None:
-        return _norm.rms_norm_triton(x, None, weight, eps)[0]
+        return _norm.rms_norm_triton(x, weight, eps)
     weight_gd = _norm.group_weight(x, weight)
     if weight_gd is None:  # a broadcast the kernel does not cover: plain torch
         return weight * torch.nn.functional.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
-    return _norm.reference(x, None, weight_gd, eps)[0]
-
-
-def add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(``weight * rmsnorm(x + residual)``, ``x + residual``) in one pass: the pre-norm of the next sub-layer
-    together with the updated residual stream."""
-    if use_triton(x) and _norm.group_weight(x, weight) is not None:
-        return _norm.rms_norm_triton(x, residual, weight, eps)
-    weight_gd = _norm.group_weight(x, weight)
-    if weight_gd is None:
-        raise ValueError(f"weight {tuple(weight.shape)} must be (d,) or (l, 1, .., 1, d) for x {tuple(x.shape)}")
-    return _norm.reference(x, residual, weight_gd, eps)
+    return _norm.reference(x, weight_gd, eps)
 
 
 def swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Fused RMSNorm with an optional residual add: ``s = x + r; y = w * rmsnorm(s)``, forward and backward.
+"""RMSNorm ``y = w * rmsnorm(x)`` with per-lane weights in one launch, forward and backward.
 
 Four parts: the ``@triton.jit`` kernels, the launchers, the torch custom ops ``tpblocks::rms_norm`` /
 ``tpblocks::rms_norm_bwd`` (fake + autograd registration), and ``reference`` (pure torch, the CPU path).
@@ -31,15 +31,12 @@ from ._triton import (
 @triton.jit
 def _rms_norm_fwd_kernel(
     X,  # (n_rows, D) input
-    R,  # (n_rows, D) residual to add first (unused unless HAS_RESIDUAL)
     W,  # (G, D) weight, one row per group of rows
     Y,  # (n_rows, D) output, dtype = promote(x, w)
-    S,  # (n_rows, D) new residual x + r (written only if HAS_RESIDUAL)
     RSTD,  # (n_rows,) fp32 1/rms, saved for the backward
     rows_per_group,  # rows sharing one weight row (b*s for lanes; all rows when G == 1)
     n_cols,  # D
     eps,
-    HAS_RESIDUAL: tl.constexpr,
     BLOCK_R: tl.constexpr,  # rows per program
     BLOCK_D: tl.constexpr,  # next power of two >= D: a whole row lives in registers
 ):
@@ -51,14 +48,7 @@ def _rms_norm_fwd_kernel(
     mask = row_ok[:, None] & col_ok[None, :]
     grow = group * rows_per_group + rows  # global row index
     offs = grow[:, None].to(tl.int64) * n_cols + cols[None, :]
-    x = tl.load(X + offs, mask=mask, other=0.0)
-    if HAS_RESIDUAL:
-        # Add in fp32 and round once to the input dtype, as torch's x + r does. (Adding two bf16 blocks
-        # directly is also wrong in the interpreter.)
-        r = tl.load(R + offs, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
-        tl.store(S + offs, x, mask=mask)
-    x32 = x.to(tl.float32)
+    x32 = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x32 * x32, axis=1) / n_cols + eps)
     # Round the normalised value to the input dtype before the weight multiply: the reference does.
     xhat = (x32 * rstd[:, None]).to(X.dtype.element_ty).to(tl.float32)
@@ -70,16 +60,14 @@ def _rms_norm_fwd_kernel(
 @triton.jit
 def _rms_norm_bwd_kernel(
     DY,  # (n_rows, D) gradient of y
-    DS,  # (n_rows, D) gradient flowing into the new residual s (unused unless HAS_DS)
-    S,  # (n_rows, D) the normalised input (x + r, or x)
+    X,  # (n_rows, D) the forward input
     W,  # (G, D)
     RSTD,  # (n_rows,)
-    DX,  # (n_rows, D) gradient of x (= gradient of r)
+    DX,  # (n_rows, D) gradient of x
     DW_PART,  # (G, n_blocks, D) fp32 partial weight gradients, summed by the launcher
     rows_per_group,
     n_cols,
     n_blocks,  # programs per group (second grid axis)
-    HAS_DS: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -92,20 +80,18 @@ def _rms_norm_bwd_kernel(
     mask = row_ok[:, None] & col_ok[None, :]
     grow = group * rows_per_group + rows
     offs = grow[:, None].to(tl.int64) * n_cols + cols[None, :]
-    s = tl.load(S + offs, mask=mask, other=0.0)
+    x = tl.load(X + offs, mask=mask, other=0.0)
     dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
     rstd = tl.load(RSTD + grow, mask=row_ok, other=0.0)
     w = tl.load(W + group * n_cols + cols, mask=col_ok, other=0.0).to(tl.float32)
-    xhat = s.to(tl.float32) * rstd[:, None]
+    xhat = x.to(tl.float32) * rstd[:, None]
     wdy = dy * w[None, :]
     # d/dx of x*rstd(x): rstd * (g - xhat * mean(g * xhat)), g = dy*w
     c = tl.sum(wdy * xhat, axis=1) / n_cols
     dx = (wdy - xhat * c[:, None]) * rstd[:, None]
-    if HAS_DS:
-        dx += tl.load(DS + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(DX + offs, dx, mask=mask)
     # The weight multiplies the dtype-rounded xhat in the forward, so its gradient uses the rounded value too.
-    xhat_rounded = xhat.to(S.dtype.element_ty).to(tl.float32)
+    xhat_rounded = xhat.to(X.dtype.element_ty).to(tl.float32)
     dw = tl.sum(dy * xhat_rounded, axis=0)
     tl.store(DW_PART + (group * n_blocks + block) * n_cols + cols, dw, mask=col_ok)
 
@@ -130,44 +116,38 @@ def _launch_shape(rows_per_group: int, d: int) -> tuple[int, int, int]:
     return block_r, block_d, cdiv(rows_per_group, block_r)
 
 
-def rms_norm_fwd_triton(
-    x: torch.Tensor, residual: torch.Tensor | None, weight_gd: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the forward kernel. Returns (y, s, rstd); ``s`` is empty when there is no residual."""
+def rms_norm_fwd_triton(x: torch.Tensor, weight_gd: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel. Returns (y, rstd)."""
     require_launchable(x)
     n_rows, g, d = _check(x, weight_gd)
     x, weight_gd = x.contiguous(), weight_gd.contiguous()
     y = torch.empty(x.shape, dtype=torch.result_type(x, weight_gd), device=x.device)
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
-    has_res = residual is not None
-    s = torch.empty_like(x) if has_res else x.new_empty(0)
-    r = residual.contiguous() if has_res else x
     rows_per_group = n_rows // g
     block_r, block_d, n_blocks = _launch_shape(rows_per_group, d)
     if n_rows:
         _rms_norm_fwd_kernel[(g, n_blocks)](
-            x, r, weight_gd, y, s if has_res else x, rstd, rows_per_group, d, eps,
-            HAS_RESIDUAL=has_res, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps_for(block_r * block_d),
+            x, weight_gd, y, rstd, rows_per_group, d, eps,
+            BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps_for(block_r * block_d),
         )  # fmt: skip
-    return y, s, rstd
+    return y, rstd
 
 
 def rms_norm_bwd_triton(
-    dy: torch.Tensor, ds: torch.Tensor | None, s: torch.Tensor, weight_gd: torch.Tensor, rstd: torch.Tensor
+    dy: torch.Tensor, x: torch.Tensor, weight_gd: torch.Tensor, rstd: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the backward kernel. Returns (dx, dweight_gd)."""
     require_launchable(dy)
-    n_rows, g, d = _check(s, weight_gd)
-    dy, s, weight_gd, rstd = dy.contiguous(), s.contiguous(), weight_gd.contiguous(), rstd.contiguous()
+    n_rows, g, d = _check(x, weight_gd)
+    dy, x, weight_gd, rstd = dy.contiguous(), x.contiguous(), weight_gd.contiguous(), rstd.contiguous()
     rows_per_group = n_rows // g
     block_r, block_d, n_blocks = _launch_shape(rows_per_group, d)
-    dx = torch.empty_like(s)
-    dw_part = torch.zeros(g, n_blocks, d, dtype=torch.float32, device=s.device)
-    has_ds = ds is not None
+    dx = torch.empty_like(x)
+    dw_part = torch.zeros(g, n_blocks, d, dtype=torch.float32, device=x.device)
     if n_rows:
         _rms_norm_bwd_kernel[(g, n_blocks)](
-            dy, ds.contiguous() if has_ds else dy, s, weight_gd, rstd, dx, dw_part, rows_per_group, d, n_blocks,
-            HAS_DS=has_ds, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps_for(block_r * block_d),
+            dy, x, weight_gd, rstd, dx, dw_part, rows_per_group, d, n_blocks,
+            BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps_for(block_r * block_d),
         )  # fmt: skip
     return dx, dw_part.sum(1).to(weight_gd.dtype)
 
@@ -176,43 +156,38 @@ def rms_norm_bwd_triton(
 
 
 @torch.library.custom_op("tpblocks::rms_norm", mutates_args=())
-def rms_norm_op(
-    x: torch.Tensor, residual: torch.Tensor | None, weight_gd: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, s, rstd) of ``y = weight * rmsnorm(x + residual)``; ``s`` = x + residual (empty without residual)."""
-    return rms_norm_fwd_triton(x, residual, weight_gd, eps)
+def rms_norm_op(x: torch.Tensor, weight_gd: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, rstd) of ``y = weight * rmsnorm(x)``."""
+    return rms_norm_fwd_triton(x, weight_gd, eps)
 
 
 @rms_norm_op.register_fake
-def _(x, residual, weight_gd, eps):
-    s = torch.empty_like(x) if residual is not None else x.new_empty(0)
+def _(x, weight_gd, eps):
     y = x.new_empty(x.shape, dtype=torch.result_type(x, weight_gd))
-    return y, s, x.new_empty(x.shape[:-1], dtype=torch.float32)
+    return y, x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.custom_op("tpblocks::rms_norm_bwd", mutates_args=())
 def rms_norm_bwd_op(
-    dy: torch.Tensor, ds: torch.Tensor | None, s: torch.Tensor, weight_gd: torch.Tensor, rstd: torch.Tensor
+    dy: torch.Tensor, x: torch.Tensor, weight_gd: torch.Tensor, rstd: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return rms_norm_bwd_triton(dy, ds, s, weight_gd, rstd)
+    return rms_norm_bwd_triton(dy, x, weight_gd, rstd)
 
 
 @rms_norm_bwd_op.register_fake
-def _(dy, ds, s, weight_gd, rstd):
-    return torch.empty_like(s), torch.empty_like(weight_gd)
+def _(dy, x, weight_gd, rstd):
+    return torch.empty_like(x), torch.empty_like(weight_gd)
 
 
 def _setup_context(ctx, inputs, output):
-    x, residual, weight_gd, _eps = inputs
-    _y, s, rstd = output
-    ctx.has_residual = residual is not None
-    ctx.save_for_backward(s if ctx.has_residual else x, weight_gd, rstd)
+    x, weight_gd, _eps = inputs
+    ctx.save_for_backward(x, weight_gd, output[1])
 
 
-def _backward(ctx, dy, ds, _drstd):
-    s, weight_gd, rstd = ctx.saved_tensors
-    dx, dw = rms_norm_bwd_op(dy, ds if ctx.has_residual else None, s, weight_gd, rstd)
-    return dx, (dx if ctx.has_residual else None), dw, None
+def _backward(ctx, dy, _drstd):
+    x, weight_gd, rstd = ctx.saved_tensors
+    dx, dw = rms_norm_bwd_op(dy, x, weight_gd, rstd)
+    return dx, dw, None
 
 
 rms_norm_op.register_autograd(_backward, setup_context=_setup_context)
@@ -221,16 +196,12 @@ rms_norm_op.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------------------------- reference
 
 
-def reference(
-    x: torch.Tensor, residual: torch.Tensor | None, weight_gd: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pure torch: (y, s) with s = x + residual (or x). Same math as ``tpblocks.models.layers.rms_norm``."""
-    s = x if residual is None else x + residual
+def reference(x: torch.Tensor, weight_gd: torch.Tensor, eps: float) -> torch.Tensor:
+    """Pure torch ``y``. Same math as ``tpblocks.models.layers.rms_norm``."""
     g, d = weight_gd.shape
-    s_grd = s.reshape(g, -1, d)
-    normed = torch.nn.functional.rms_norm(s_grd.float(), (d,), eps=eps)
-    y = weight_gd[:, None, :] * normed.to(s.dtype)
-    return y.reshape(s.shape), s
+    normed = torch.nn.functional.rms_norm(x.reshape(g, -1, d).float(), (d,), eps=eps)
+    y = weight_gd[:, None, :] * normed.to(x.dtype)
+    return y.reshape(x.shape)
 
 
 def group_weight(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
@@ -248,10 +219,9 @@ def group_weight(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     return None
 
 
-def rms_norm_triton(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
-    """(y, s) through the custom op (differentiable)."""
+def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``y`` through the custom op (differentiable)."""
     weight_gd = group_weight(x, weight)
     if weight_gd is None:
         raise ValueError(f"weight shape {tuple(weight.shape)} is not (d,) or (l, 1, .., 1, d) for x {tuple(x.shape)}")
-    y, s, _ = rms_norm_op(x, residual, weight_gd, float(eps))
-    return y, (x if residual is None else s)
+    return rms_norm_op(x, weight_gd, float(eps))[0]

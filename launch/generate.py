@@ -6,8 +6,9 @@
     python launch/generate.py checkpoint=... prompt="..." compile=true dtype=bf16 batch=4
 
 Arguments (key=value):
-  checkpoint      a run directory (uses checkpoints/latest), a checkpoint directory holding model.pt, a
-                  model.pt file (tpblocks.models.io format), or a Laneformer directory (config.json + safetensors)
+  checkpoint      a run directory (uses checkpoints/latest), a checkpoint directory (its sharded dcp/ state is
+                  converted once into model.pt there), a model.pt file (tpblocks.models.io format), or a
+                  Laneformer directory (config.json + safetensors)
   prompt          text (needs a tokenizer), or prompt_ids=[1,2,3] as token ids
   tokenizer       sentencepiece .model; default: data.tokenizer_path from the run's config.yaml, else the
                   tokenizer the trainer cached for that data config. Without one, only token ids are printed
@@ -99,7 +100,8 @@ def parse_args(argv: list[str]) -> dict:
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
-    """(model file, run directory or None) for a run dir, a checkpoint dir or a model file."""
+    """(model file, run directory or None) for a run dir, a checkpoint dir or a model file. A training checkpoint
+    holds sharded state (dcp/): it is converted once into its model.pt (tpblocks.train.checkpoint.consolidate)."""
     from tpblocks.models.laneformer import is_laneformer_dir
 
     path = Path(path).expanduser()
@@ -108,15 +110,21 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
     if path.is_file():
         run = path.parent.parent.parent if path.parent.parent.name == "checkpoints" else None
         return path, run
-    if (path / "model.pt").is_file():
-        run = path.parent.parent if path.parent.name == "checkpoints" else None
-        return path / "model.pt", run
+    run = path.parent.parent if path.parent.name == "checkpoints" else None
     latest = path / "checkpoints" / "latest"
     if latest.is_file():
-        model = path / "checkpoints" / latest.read_text().strip() / "model.pt"
-        if model.is_file():
-            return model, path
-        raise UsageError(f"{latest} names {model.parent.name}, which holds no model.pt (interrupted save?)")
+        path, run = path / "checkpoints" / latest.read_text().strip(), path
+    if (path / "model.pt").is_file():
+        return path / "model.pt", run
+    if (path / "dcp").is_dir():
+        from tpblocks.train.checkpoint import model_file
+
+        try:
+            return model_file(path), run
+        except ValueError as err:  # damaged or foreign: the reason, not a traceback
+            raise UsageError(str(err)) from None
+    if latest.is_file():
+        raise UsageError(f"{latest} names {path.name}, which holds neither model.pt nor dcp/ (interrupted save?)")
     raise UsageError(f"no model at {path}: expected a run directory, a checkpoint directory or a model.pt file")
 
 

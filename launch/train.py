@@ -14,6 +14,10 @@ from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without `pip install -e .`
 
+from tpblocks.config import register_hydra_defaults  # noqa: E402
+
+register_hydra_defaults()  # the dataclass defaults, under conf/config.yaml's first defaults entry
+
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:

@@ -19,6 +19,7 @@ from tpblocks.config import (
     TrainerConfig,
 )
 from tpblocks.models import total_parameters
+from tpblocks.parallel.mgrit.config import MGRITConfig
 
 GROUPS = ("model", "data", "optim", "scheduler", "trainer", "experiment")
 # Values the YAML leaves required (???): a local path and a tokenizer file. Composition only, nothing is read.
@@ -38,6 +39,42 @@ def _validate(overrides: list[str]) -> RunConfig:
         if cfg[section].get(field, None) is None or str(cfg[section][field]) == "???":
             cfg[section][field] = value
     return RunConfig.from_dictconfig(cfg)
+
+
+IDENTITY = {"model": "flavor", "data": "source", "optim": "name", "scheduler": "name", "trainer": "backend"}
+
+
+def _restated(values: dict, defaults: dict, where: str) -> list[str]:
+    """``where.key`` for every value of a YAML block that equals its dataclass default (nested blocks too)."""
+    found = []
+    for key, value in values.items():
+        if key not in defaults:
+            continue
+        if isinstance(value, dict) and isinstance(defaults[key], dict):
+            found += _restated(value, defaults[key], f"{where}.{key}")
+        elif value == defaults[key]:
+            found.append(f"{where}.{key}={value!r}")
+    return found
+
+
+def test_yaml_sets_only_what_differs_from_the_dataclass_defaults():
+    """The dataclasses hold the defaults (tpblocks_defaults); a group file or config.yaml restating one is a second
+    copy that drifts (they once disagreed on max_steps 200 vs 100). Experiments pin values on purpose: not checked."""
+    import yaml
+
+    from tpblocks.config import hydra_defaults
+
+    defaults = hydra_defaults()
+    top = yaml.safe_load((CONF / "config.yaml").read_text())
+    restated = _restated({k: v for k, v in top.items() if k != "defaults"}, defaults, "config.yaml")
+    for group, identity in IDENTITY.items():
+        for option in _options(group):
+            values = yaml.safe_load((CONF / group / f"{option}.yaml").read_text()) or {}
+            values.pop(identity, None)  # the option says which one it is, even when that is the default
+            restated += _restated(values, defaults[group], f"{group}/{option}.yaml")
+    assert not restated, f"these repeat a dataclass default; delete them from the YAML: {restated}"
+    run = _validate([])  # sections no YAML sets are exactly their dataclass defaults
+    assert (run.train, run.parallel, run.layer_parallel) == (TrainConfig(), ParallelConfig(), MGRITConfig())
 
 
 @pytest.mark.parametrize("group", GROUPS)

@@ -79,8 +79,8 @@ BAD_OVERRIDES = {
     "+model.overrides.lane_count=0": r"^model.overrides.lane_count=0 must be >= 1$",
     "+model.overrides.hiden_size=64": r"^model.overrides has unknown key\(s\) \['hiden_size'\]",
     # unknown keys, nested and top-level
-    "+lr=0.01": r"^the config has unknown top-level key\(s\) \['lr'\]; .*optim.lr=0.01",
-    "+optimizer.lr=0.01": r"^the config has unknown top-level key\(s\) \['optimizer'\]",
+    "+lr=0.01": r"^the config has unknown key\(s\) \['lr'\]; .*optim.lr=0.01",
+    "+optimizer.lr=0.01": r"^the config has unknown key\(s\) \['optimizer'\]",
     "+train.max_step=5": r"^train has unknown key\(s\) \['max_step'\]",
     "+layer_parallel.levles=3": r"^layer_parallel has unknown key\(s\) \['levles'\]",
 }
@@ -338,7 +338,7 @@ def _cli(script: str, *argv: str, cwd=REPO) -> subprocess.CompletedProcess:
     "argv, line",
     [
         (["train.max_steps=abc"], "error: train.max_steps='abc' must be an integer"),
-        (["+lr=0.01"], "error: the config has unknown top-level key(s) ['lr']"),
+        (["+lr=0.01"], "error: the config has unknown key(s) ['lr']"),
         (["+model.overrides.rope_theta=0"], "error: model.overrides.rope_theta=0.0 must be > 0"),
     ],
 )

@@ -166,6 +166,22 @@ def _run_dir_with_checkpoint(tmp_path: Path, model, data_yaml: str = "") -> Path
 
 
 @pytest.mark.timeout(150)
+def test_launch_generate_converts_a_sharded_checkpoint(tmp_path):
+    from test_sharded_state import sharded_run_dir
+
+    model = _model("debug_burger")
+    ckpt = sharded_run_dir(tmp_path / "run", model)
+    proc = _run_launcher(f"checkpoint={tmp_path / 'run'}", "prompt_ids=[5,17,42]", "max_new_tokens=6")
+    assert proc.returncode == 0, proc.stderr
+    assert f"generated ids: {generate(model, [5, 17, 42], 6)}" in proc.stdout
+    assert (ckpt / "model.pt").is_file()
+    (ckpt / "dcp" / "__0_0.distcp").write_bytes(b"")
+    (ckpt / "model.pt").unlink()
+    proc = _run_launcher(f"checkpoint={ckpt}", "prompt_ids=[5]", "max_new_tokens=2")
+    assert proc.returncode == 2 and "is damaged (dcp/__0_0.distcp is 0 bytes" in proc.stderr, proc.stderr
+
+
+@pytest.mark.timeout(150)
 def test_launch_generate_from_run_dir_prints_token_ids(tmp_path):
     model = _model("debug_burger")
     run = _run_dir_with_checkpoint(tmp_path, model)

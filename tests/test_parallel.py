@@ -18,8 +18,7 @@ def test_dims_infer_dp_and_coordinates():
     assert (dims.dp, dims.lane) == (4, 2)
     # lane is the inner axis: ranks of one lane group are consecutive
     assert dims.coords(5) == (2, 1)
-    assert dims.lane_group_ranks(1) == [2, 3]
-    assert dims.dp_group_ranks(1) == [1, 3, 5, 7]
+    assert [dims.coords(r) for r in (2, 3)] == [(1, 0), (1, 1)]  # the lane group of dp replica 1
     assert dims.lane_enabled and dims.dp_enabled
 
 

@@ -101,20 +101,16 @@ def test_axis_values_and_scale_knobs_from_strings():
 def test_overrides_rebuild_the_solved_model_through_the_trainer_config():
     """Compose the trainer's own Hydra config with a task's overrides: the model it would train is the point's."""
     pytest.importorskip("tpblocks.config")
-    from hydra import compose, initialize_config_dir
-
-    from tpblocks.config import RunConfig
+    from tpblocks.config import RunConfig, compose
 
     if not (REPO / "conf" / "config.yaml").is_file():
         pytest.skip("the trainer's conf/ is not present")
     points = [p for p in expand("delayed_comm", TINY) if p.valid][:2] + expand("lane_count", TINY, {"lane_count": [8]})
     manifest = build_manifest("mixed", TINY, points, "/tmp/unused")
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        for task, point in zip(manifest.tasks, points):
-            cfg = compose(config_name="config", overrides=list(task.overrides))
-            run = RunConfig.from_dictconfig(cfg)
-            assert run.model.replace(extra={}) == point.model.replace(extra={}), task.name
-            assert run.train.max_steps == TINY.max_steps and run.seq_len == TINY.seq_len
+    for task, point in zip(manifest.tasks, points):
+        run = RunConfig.from_dictconfig(compose(task.overrides))
+        assert run.model.replace(extra={}) == point.model.replace(extra={}), task.name
+        assert run.train.max_steps == TINY.max_steps and run.seq_len == TINY.seq_len
 
 
 # ---------------------------------------------------------------------------------------------- manifest / task

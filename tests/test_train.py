@@ -66,11 +66,13 @@ def test_tiny_run_fills_the_run_directory(tiny_data, tmp_path):
     latest = ckpt_io.latest_checkpoint(run_dir)
     assert latest.name == "step_00000012"
     assert [p.name for p in ckpt_io.complete_checkpoints(run_dir)] == ["step_00000008", "step_00000012"]
-    model = load_model(latest)  # the contract: model.pt is a plain tpblocks model file
+    # The end-of-run sample converted the final checkpoint's dcp/ into a plain tpblocks model file, signed.
+    assert (latest / "model.pt").is_file() and ckpt_io.checkpoint_damage(latest) is None
+    model = load_model(latest)
     assert model.cfg.hidden_size == 32
-    state = torch.load(latest / "trainer.pt", weights_only=False)
+    state = torch.load(latest / "trainer.pt", weights_only=True)
     assert state["step"] == 12 and state["world_size"] == 1
-    assert {"optimizer", "scheduler", "rng", "loader"} <= set(state)
+    assert {"optimizer_groups", "scheduler", "rng", "loader", "model_config"} <= set(state)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, monkeypatch):
@@ -90,7 +92,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, 
     assert read_summary(run_dir)["status"] == "diverged"
     assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4, 5]
     assert ckpt_io.latest_checkpoint(run_dir).name == "step_00000004"
-    model = load_model(ckpt_io.latest_checkpoint(run_dir))
+    model = load_model(ckpt_io.model_file(ckpt_io.latest_checkpoint(run_dir)))
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 

@@ -1,11 +1,12 @@
 """Multi-rank training through torchrun (gloo on CPU): 1 rank == 2 ranks at equal effective batch, DeepSpeed
-ZeRO-2 == DDP, and the 2-rank smoke experiment learns."""
+ZeRO-2 == DDP (and resumes its own checkpoint), and the 2-rank smoke experiment learns."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from test_train_support import (
+    compose,
     eval_curve,
     launch,
     one_thread,
@@ -17,6 +18,7 @@ from test_train_support import (
 
 from tpblocks.models.io import load_model
 from tpblocks.train import checkpoint as ckpt_io
+from tpblocks.train import run
 
 __all__ = ["one_thread", "tiny_data"]
 
@@ -40,10 +42,6 @@ def ddp_two_ranks(tiny_data, tmp_path_factory):
 @pytest.mark.timeout(600)
 def test_one_rank_equals_two_ranks(tiny_data, ddp_two_ranks, tmp_path, one_thread):
     """Same tokens per step, split as 1 rank x 2 accumulation vs 2 ranks x 1: same losses up to float order."""
-    from test_train_support import compose
-
-    from tpblocks.train import run
-
     summary = run(compose(tiny_overrides(tiny_data, tmp_path / "one", **EXTRA)))
     one, two = read_metrics(tmp_path / "one"), read_metrics(ddp_two_ranks)
     assert read_summary(ddp_two_ranks)["world_size"] == 2 and summary["world_size"] == 1
@@ -61,7 +59,8 @@ def test_one_rank_equals_two_ranks(tiny_data, ddp_two_ranks, tmp_path, one_threa
 @pytest.mark.timeout(600)
 def test_deepspeed_zero2_two_ranks_matches_ddp(tiny_data, ddp_two_ranks, tmp_path):
     run_dir = tmp_path / "ds"
-    proc = launch(tiny_overrides(tiny_data, run_dir, **EXTRA, trainer="deepspeed", **{"trainer.zero_stage": 2}), 2)
+    ds_cfg = {**EXTRA, "train.checkpoint_every": 3, "trainer": "deepspeed", "trainer.zero_stage": 2}
+    proc = launch(tiny_overrides(tiny_data, run_dir, **ds_cfg), 2)
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = read_summary(run_dir)
     assert summary["status"] == "completed" and summary["backend"] == "deepspeed" and summary["world_size"] == 2
@@ -70,8 +69,19 @@ def test_deepspeed_zero2_two_ranks_matches_ddp(tiny_data, ddp_two_ranks, tmp_pat
     torch.testing.assert_close(_losses(ds, "train_loss"), _losses(ddp, "train_loss"), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(_losses(ds, "eval_loss"), _losses(ddp, "eval_loss"), rtol=1e-4, atol=1e-4)
     latest = ckpt_io.latest_checkpoint(run_dir)
-    assert (latest / "deepspeed").is_dir()
-    assert load_model(latest).cfg.hidden_size == 32  # model.pt stays the plain contract format
+    assert (latest / "deepspeed").is_dir() and (latest / "dcp" / ".metadata").is_file()
+    assert load_model(ckpt_io.model_file(latest)).cfg.hidden_size == 32  # converts to the plain contract format
+
+    # Resume from step 3: weights from dcp/, ZeRO-2 optimizer partitions from the engine's own files.
+    step3 = ckpt_io.checkpoint_root(run_dir) / ckpt_io.step_dir_name(3)
+    resumed = tmp_path / "resumed"
+    proc = launch(tiny_overrides(tiny_data, resumed, **ds_cfg, **{"train.resume": str(step3)}), 2)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    after = read_metrics(resumed)
+    assert [r["step"] for r in after] == [4, 5, 6]
+    torch.testing.assert_close(_losses(after, "train_loss"), _losses(ds[3:], "train_loss"), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"written by trainer=deepspeed.*resume it with trainer=deepspeed"):
+        run(compose(tiny_overrides(tiny_data, tmp_path / "ddp", **EXTRA, **{"train.resume": str(step3)})))
 
 
 @pytest.mark.slow

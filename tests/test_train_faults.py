@@ -63,11 +63,13 @@ def _flip_64_bytes(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+SHARD = "dcp/__0_0.distcp"  # the one rank's shard of model + optimizer state
 DAMAGE = {
-    "model.pt truncated": lambda ckpt: _truncate(ckpt / "model.pt"),
-    "model.pt missing": lambda ckpt: (ckpt / "model.pt").unlink(),
+    "shard truncated": lambda ckpt: _truncate(ckpt / SHARD),
+    "shard missing": lambda ckpt: (ckpt / SHARD).unlink(),
+    "dcp metadata missing": lambda ckpt: (ckpt / "dcp" / ".metadata").unlink(),
     "trainer.pt emptied": lambda ckpt: (ckpt / "trainer.pt").write_bytes(b""),
-    "64 bytes flipped in model.pt": lambda ckpt: _flip_64_bytes(ckpt / "model.pt"),
+    "64 bytes flipped in the shard": lambda ckpt: _flip_64_bytes(ckpt / SHARD),
 }
 
 
@@ -100,7 +102,7 @@ def test_every_checkpoint_damaged_is_refused_not_restarted(tiny_data, reference,
     run_dir = tmp_path / "run"
     shutil.copytree(reference, run_dir)
     for ckpt in ckpt_io.complete_checkpoints(run_dir):
-        _truncate(ckpt / "model.pt")
+        _truncate(ckpt / SHARD)
     with pytest.raises(ValueError, match="every checkpoint under .* is damaged; train.resume=none starts afresh"):
         _run(tiny_data, run_dir, **SHORT)
 
@@ -111,9 +113,15 @@ def test_load_model_on_damaged_or_foreign_files_is_one_line(reference, tmp_path)
     good = ckpt_io.checkpoint_root(reference) / "step_00000008"
     copy = tmp_path / "ckpt"
     shutil.copytree(good, copy)
+    assert (copy / "model.pt").is_file()  # converted for the end-of-run sample and signed in the manifest
     _flip_64_bytes(copy / "model.pt")
     with pytest.raises(ValueError, match="model.pt is damaged: model.pt does not match its sha256"):
         load_model(copy)
+    fresh = tmp_path / "fresh"
+    shutil.copytree(good, fresh, ignore=shutil.ignore_patterns("model.pt"))
+    _flip_64_bytes(fresh / SHARD)
+    with pytest.raises(ValueError, match=r"checkpoint .*fresh is damaged \(dcp/__0_0.distcp does not match"):
+        ckpt_io.model_file(fresh)  # the converter refuses a damaged checkpoint too
     cut = tmp_path / "cut.pt"
     cut.write_bytes((good / "model.pt").read_bytes()[:1000])
     with pytest.raises(ValueError, match=r"cannot read .*cut.pt.*truncated or not a torch file"):

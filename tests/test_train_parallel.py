@@ -1,9 +1,10 @@
 """Lane-parallel and layer-parallel (MGRIT) training through the real entry point (torchrun, 2 ranks, gloo).
 
 * ``parallel.lane=2``: the model is sharded over both ranks (TP-block lanes for Burger, Megatron shards for
-  Llama); at the same effective batch the losses equal the one-process run's, the checkpoint's model.pt is the
-  FULL model (loads in one process and equals the one-process run's weights), and a resume from it continues
-  the same curve. On 4 ranks, a dp 2 x lane 2 mesh gives the same curve too.
+  Llama); at the same effective batch the losses equal the one-process run's, the sharded checkpoint converts to
+  the FULL model (loads in one process and equals the one-process run's weights), and a resume from it continues
+  the same curve: with the same layout, with parallel.lane=1 in one process, and the other way round (lane 1 ->
+  2, dp 1 -> 2 with async checkpoints, dp 2 -> 1). On 4 ranks, a dp 2 x lane 2 mesh gives the same curve too.
 * ``layer_parallel.enabled=true``: Llama's layer stack is solved by MGRIT over both ranks; the losses stay within
   a stated tolerance of the serial run and the ``lp/*`` monitor figures land in metrics.jsonl.
 """
@@ -46,7 +47,7 @@ def _assert_same_curve(got: list[dict], want: list[dict], tol: float) -> None:
 
 
 def _assert_same_weights(a_dir, b_dir) -> None:
-    a, b = load_model(a_dir), load_model(b_dir)
+    a, b = load_model(ckpt_io.model_file(a_dir)), load_model(ckpt_io.model_file(b_dir))
     assert a.cfg == b.cfg
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
@@ -72,27 +73,62 @@ def test_lane_parallel_two_ranks_equals_one_process(model, tiny_data, tmp_path, 
     _assert_same_curve(lane, one, tol=2e-5)
     assert _col(one, "train_loss")[-1] < _col(one, "train_loss")[0] - 0.2  # it learns: equal curves mean equal updates
 
-    # model.pt holds the full model (not rank 0's shard) and equals the one-process weights.
+    # Each rank wrote its shard; converted, they are the full model and equal the one-process weights.
     latest = ckpt_io.latest_checkpoint(lane_dir)
-    assert {p.name for p in latest.iterdir()} >= {"model.pt", "trainer.pt", "optimizer_lane0.pt", "optimizer_lane1.pt"}
+    assert {p.name for p in (latest / "dcp").iterdir()} == {".metadata", "__0_0.distcp", "__1_0.distcp"}
     _assert_same_weights(latest, ckpt_io.latest_checkpoint(one_dir))
     assert ckpt_io.load_trainer_state(latest)["lane"] == 2
 
     if model != "debug_burger":
         return
-    # Resume from step 3 in a new run dir: full state -> shards, per-lane optimizer files; same curve onward.
-    resumed = tmp_path / "resumed"
+    # Resume from step 3 in a new run dir, same layout: the same curve onward, to the last bit that matters.
     step3 = ckpt_io.checkpoint_root(lane_dir) / ckpt_io.step_dir_name(3)
-    overrides = tiny_overrides(tiny_data, resumed, **extra, **{"parallel.lane": 2, "train.resume": str(step3)})
-    proc = launch(overrides, nproc=2)
-    assert proc.returncode == 0, _why(proc)
-    after = read_metrics(resumed)
-    assert [r["step"] for r in after] == [4, 5, 6]
+    after = _resumed(tiny_data, tmp_path / "resumed", extra, step3, nproc=2, **{"parallel.lane": 2})
     _assert_same_curve(after, [r for r in lane if r["step"] > 3], tol=1e-6)
 
-    # A different lane degree cannot take the per-lane optimizer state: a clear error, not a shape mismatch.
-    with pytest.raises(ValueError, match=r"parallel.lane=2 but this run has parallel.lane=1"):
-        run(compose(tiny_overrides(tiny_data, tmp_path / "bad", **extra, **{"train.resume": str(step3)})))
+
+def _resumed(tiny_data, run_dir, extra: dict, ckpt, nproc: int, **layout) -> list[dict]:
+    """Steps 4.. of a run resumed from ``ckpt`` on ``nproc`` ranks (1: in this process) with ``layout``."""
+    overrides = tiny_overrides(tiny_data, run_dir, **extra, **layout, **{"train.resume": str(ckpt)})
+    if nproc == 1:
+        run(compose(overrides))
+    else:
+        proc = launch(overrides, nproc=nproc)
+        assert proc.returncode == 0, _why(proc)
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records] == list(range(int(ckpt.name.split("_")[1]) + 1, 7))
+    return records
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.timeout(900)
+def test_resume_under_another_layout_continues_the_curve(tiny_data, tmp_path, one_thread):
+    """Sharded checkpoints reshard on load: lane 2 -> 1, lane 1 -> 2, dp 1 -> 2 (async saves) and dp 2 -> 1."""
+    every_step = {**EXTRA, "train.checkpoint_every": 1, "train.keep_checkpoints": 6}
+    one_dir, lane_dir = tmp_path / "one", tmp_path / "lane2"
+    run(compose(tiny_overrides(tiny_data, one_dir, **every_step)))
+    one = read_metrics(one_dir)
+    onward = [r for r in one if r["step"] > 3]
+    step3 = ckpt_io.checkpoint_root(one_dir) / ckpt_io.step_dir_name(3)
+
+    # lane 1 -> 2: the one-process checkpoint resumed as shards over two ranks
+    lane = _resumed(tiny_data, lane_dir, every_step, step3, nproc=2, **{"parallel.lane": 2})
+    _assert_same_curve(lane, onward, tol=2e-5)
+    # lane 2 -> 1: that run's step-4 checkpoint (written as two shards) resumed in one process
+    lane4 = ckpt_io.checkpoint_root(lane_dir) / ckpt_io.step_dir_name(4)
+    assert ckpt_io.load_trainer_state(lane4)["lane"] == 2
+    back = _resumed(tiny_data, tmp_path / "back", every_step, lane4, nproc=1)
+    _assert_same_curve(back, [r for r in one if r["step"] > 4], tol=2e-5)
+    # dp 1 -> 2 with async checkpoints, then dp 2 -> 1 from one of them
+    dp_dir = tmp_path / "dp2"
+    dp = _resumed(tiny_data, dp_dir, {**every_step, "train.async_checkpoint": True}, step3, nproc=2)
+    _assert_same_curve(dp, onward, tol=2e-5)
+    dp4 = ckpt_io.checkpoint_root(dp_dir) / ckpt_io.step_dir_name(4)
+    assert ckpt_io.checkpoint_damage(dp4) is None and ckpt_io.load_trainer_state(dp4)["world_size"] == 2
+    single = _resumed(tiny_data, tmp_path / "single", every_step, dp4, nproc=1)
+    _assert_same_curve(single, [r for r in one if r["step"] > 4], tol=2e-5)
+    _assert_same_weights(ckpt_io.latest_checkpoint(dp_dir), ckpt_io.latest_checkpoint(one_dir))
 
 
 @pytest.mark.slow
@@ -122,7 +158,7 @@ def test_mgrit_two_ranks_tracks_the_serial_run(tiny_data, tmp_path, one_thread):
     """4 decoder layers over 2 ranks, 2 levels, cf 2, FCF, 2 iterations: with the serial final sweep this solve
     is exact up to rounding (docs/mgrit.md), so the tolerance is float-level (1e-4), not a training-noise one."""
     extra = {**EXTRA, **LLAMA, "train.micro_batch": 16, "train.checkpoint_every": 0}
-    lp = {"layer_parallel.enabled": True, "layer_parallel.cf": 2, "+layer_parallel.check_every": 2}
+    lp = {"layer_parallel.enabled": True, "layer_parallel.cf": 2, "layer_parallel.check_every": 2}
     lp_dir, one_dir = tmp_path / "lp2", tmp_path / "one"
     proc = launch(tiny_overrides(tiny_data, lp_dir, **extra, **lp), nproc=2)
     assert proc.returncode == 0, _why(proc)
@@ -148,7 +184,7 @@ def test_resume_restores_the_mgrit_monitor(tiny_data, tmp_path):
     run(compose(tiny_overrides(tiny_data, first, **EXTRA, **LLAMA, **lp)))
     checkpoint = ckpt_io.complete_checkpoints(first)[0]
     assert checkpoint.name == "step_00000003"
-    state = torch.load(checkpoint / "trainer.pt", weights_only=False)
+    state = torch.load(checkpoint / "trainer.pt", weights_only=True)
     monitor = state["layer_parallel"]["monitor"]
     assert (monitor["fwd_iters"], monitor["serial"]) == (2, False)  # the configured iterations, saved
     monitor.update(fwd_iters=3, bwd_iters=3, events=[{"step": 3, "action": "add_iters"}])  # as if it had escalated
@@ -160,5 +196,5 @@ def test_resume_restores_the_mgrit_monitor(tiny_data, tmp_path):
     after = read_metrics(resumed)
     assert [r["step"] for r in after] == [4, 5, 6]
     assert all(r["lp/fwd_iters"] == 3 and r["lp/bwd_iters"] == 3 for r in after)
-    saved_again = torch.load(ckpt_io.latest_checkpoint(resumed) / "trainer.pt", weights_only=False)
+    saved_again = torch.load(ckpt_io.latest_checkpoint(resumed) / "trainer.pt", weights_only=True)
     assert saved_again["layer_parallel"]["monitor"]["events"] == [{"step": 3, "action": "add_iters"}]

@@ -91,11 +91,9 @@ def tiny_overrides(tiny_data: dict, run_dir: Path, **extra) -> list[str]:
 
 def compose(overrides: list[str]):
     """The Hydra config that ``launch/train.py`` would see with these overrides."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from tpblocks.config import compose as compose_config
 
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides)
+    return compose_config(overrides)
 
 
 def child_env(threads: int = 1) -> dict:

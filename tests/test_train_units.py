@@ -123,14 +123,16 @@ def test_checkpoint_publish_is_atomic_and_keeps_the_newest(tmp_path):
     for step in (2, 4, 6):
         tmp = ckpt_io.prepare_tmp(tmp_path, step)
         assert tmp.name.startswith(".tmp_") and ckpt_io.latest_checkpoint(tmp_path) != tmp
-        ckpt_io.write_files(tmp, {"format": "tpblocks-model", "model": {}}, {"step": step})
+        ckpt_io.write_trainer_state(tmp, {"step": step})
+        (tmp / "dcp").mkdir()
+        (tmp / "dcp" / ".metadata").write_bytes(b"")
         ckpt_io.publish(tmp_path, step, keep=2)
     names = [p.name for p in ckpt_io.complete_checkpoints(tmp_path)]
     assert names == ["step_00000004", "step_00000006"]
     assert ckpt_io.latest_checkpoint(tmp_path).name == "step_00000006"
     # A crash while writing step 8 leaves a temp dir that is never taken for a checkpoint...
     half = ckpt_io.prepare_tmp(tmp_path, 8)
-    torch.save({"partial": True}, half / "model.pt")
+    torch.save({"partial": True}, half / "trainer.pt")
     assert ckpt_io.latest_checkpoint(tmp_path).name == "step_00000006"
     assert ckpt_io.resolve_resume("auto", tmp_path).name == "step_00000006"
     # ...and a lost `latest` pointer falls back to the highest complete step.
@@ -139,6 +141,16 @@ def test_checkpoint_publish_is_atomic_and_keeps_the_newest(tmp_path):
     assert ckpt_io.resolve_resume("none", tmp_path) is None
     with pytest.raises(ValueError, match="train.resume"):
         ckpt_io.resolve_resume(str(tmp_path / "nowhere"), tmp_path)
+
+
+def test_a_checkpoint_of_the_old_layout_is_named_as_such(tmp_path):
+    old = tmp_path / "checkpoints" / "step_00000004"
+    old.mkdir(parents=True)
+    torch.save({"format": "tpblocks-trainer", "version": 1}, old / "trainer.pt")
+    torch.save({"format": "tpblocks-model"}, old / "model.pt")
+    assert "layout before sharded checkpoints" in ckpt_io.checkpoint_damage(old)
+    with pytest.raises(ValueError, match=r"is damaged \(it has the layout before sharded checkpoints"):
+        ckpt_io.resolve_resume(str(old), tmp_path)
 
 
 def test_rng_state_round_trip():
@@ -151,3 +163,23 @@ def test_rng_state_round_trip():
     ckpt_io.set_rng_state(state)
     b = (torch.rand(3), np.random.rand(), random.random())
     assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
+
+
+def test_a_non_finite_gradient_norm_stops_before_the_update():
+    from test_train_support import compose
+
+    from tpblocks.config import RunConfig
+    from tpblocks.train.distributed import DDPBackend, NonFiniteGradNorm, dist_env
+
+    cfg = RunConfig.from_dictconfig(compose(["run_dir=/tmp/unused"]))
+    model = torch.nn.Linear(3, 2)
+    backend = DDPBackend(model, torch.optim.AdamW(model.parameters()), cfg, dist_env("cpu"), accum=1)
+    model(torch.ones(1, 3)).sum().backward()
+    model.weight.grad[0, 0] = float("nan")
+    before = model.weight.detach().clone()
+    with pytest.raises(NonFiniteGradNorm, match="gradient norm is nan"):
+        backend.update()
+    assert torch.equal(model.weight, before)  # the optimizer never ran
+    model.zero_grad()
+    model(torch.ones(1, 3)).sum().backward()
+    assert backend.update() > 0 and not torch.equal(model.weight, before) and model.weight.grad is None

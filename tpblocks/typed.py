@@ -23,6 +23,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Iterable
 from functools import cache
 from typing import Any, Literal, Union
 
@@ -135,9 +136,15 @@ def check_fields(obj: Any, section: str = "") -> None:
 
 def check_known(cls: type, values: dict, section: str) -> None:
     """Refuse keys of ``values`` that are not fields of ``cls`` (a typo would otherwise be silently ignored)."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    require(not unknown, f"{section or 'the config'} has unknown key(s) {unknown}; known keys: {sorted(known)}")
+    refuse_unknown(values, {f.name for f in dataclasses.fields(cls)}, section)
+
+
+def refuse_unknown(values: dict, known: Iterable[str], section: str, hint: str = "") -> None:
+    """The one unknown-key check: ``section has unknown key(s) [...]; known keys: [...]`` (+ ``hint``)."""
+    known = sorted(known)
+    unknown = sorted(set(values) - set(known))
+    message = f"{section or 'the config'} has unknown key(s) {unknown}; known keys: {known}"
+    require(not unknown, f"{message} {hint}" if hint else message)
 
 
 def from_mapping(cls: type, values: dict | None, section: str) -> Any:

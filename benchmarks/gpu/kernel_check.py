@@ -57,19 +57,17 @@ def _rms_cases(shapes) -> list[OpCase]:
     cases = []
     for shape in shapes:
         w_shape = (shape[0],) + (1,) * (len(shape) - 2) + (shape[-1],) if len(shape) == 4 else (shape[-1],)
-        for residual in (True, False):
 
-            def make(dtype, device, gen, shape=shape, w_shape=w_shape, residual=residual):
-                r = _randn(shape, dtype, device, gen) if residual else None
-                w = 1.0 + 0.5 * torch.randn(w_shape, device=device, generator=gen)  # fp32, as the models keep it
-                return _randn(shape, dtype, device, gen), r, w
+        def make(dtype, device, gen, shape=shape, w_shape=w_shape):
+            w = 1.0 + 0.5 * torch.randn(w_shape, device=device, generator=gen)  # fp32, as the models keep it
+            return _randn(shape, dtype, device, gen), w
 
-            cases.append(OpCase(
-                op="rms_norm+residual" if residual else "rms_norm", shape=str(shape), make=make,
-                triton=lambda x, r, w: K.rms_norm_triton(x, r, w, EPS),
-                reference=lambda x, r, w: K.reference(x, r, K.group_weight(x, w), EPS),
-                grads=(0, 1, 2) if residual else (0, 2),
-            ))  # fmt: skip
+        cases.append(OpCase(
+            op="rms_norm", shape=str(shape), make=make,
+            triton=lambda x, w: K.rms_norm_triton(x, w, EPS),
+            reference=lambda x, w: K.reference(x, K.group_weight(x, w), EPS),
+            grads=(0, 1),
+        ))  # fmt: skip
     return cases
 
 

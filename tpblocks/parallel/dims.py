@@ -69,14 +69,6 @@ class ParallelDims:
             raise ValueError(f"rank={rank} is outside 0..{self.world_size - 1}")
         return divmod(rank, self.lane)
 
-    def lane_group_ranks(self, dp_rank: int) -> list[int]:
-        """Global ranks of the lane group of data-parallel replica ``dp_rank``."""
-        return [dp_rank * self.lane + i for i in range(self.lane)]
-
-    def dp_group_ranks(self, lane_rank: int) -> list[int]:
-        """Global ranks that hold the same lanes (the ranks a data-parallel gradient all-reduce spans)."""
-        return [d * self.lane + lane_rank for d in range(self.dp)]
-
     # ------------------------------------------------------------------ validation against a model
     def check_model(self, cfg: ModelConfig) -> None:
         """Raise ``ValueError`` if ``cfg`` cannot be placed on ``lane`` ranks (see ``tpblocks.parallel.placement``)."""

@@ -49,23 +49,27 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> tu
             raise ValueError(
                 f"{name} is not set; launch with torchrun, or export MASTER_ADDR and MASTER_PORT in the job script"
             )
-    local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID") or 0
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     kwargs = {}
     if backend == "nccl":
-        torch.cuda.set_device(local_rank)
-        kwargs["device_id"] = torch.device("cuda", local_rank)
+        torch.cuda.set_device(local_rank())
+        kwargs["device_id"] = torch.device("cuda", local_rank())
     dist.init_process_group(
         backend=backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s), **kwargs
     )
     return rank, world
 
 
+def local_rank() -> int:
+    """This rank's index on its node (``LOCAL_RANK`` / ``SLURM_LOCALID``; 0 without a launcher)."""
+    return _env_int("LOCAL_RANK", "SLURM_LOCALID") or 0
+
+
 def local_device() -> torch.device:
     """The device this rank should use: ``cuda:LOCAL_RANK`` when CUDA is available, else CPU."""
     if torch.cuda.is_available():
-        return torch.device("cuda", _env_int("LOCAL_RANK", "SLURM_LOCALID") or 0)
+        return torch.device("cuda", local_rank())
     return torch.device("cpu")
 
 

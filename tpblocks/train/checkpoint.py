@@ -1,16 +1,19 @@
 """Atomic training checkpoints: ``<run_dir>/checkpoints/step_XXXXXXXX/`` + a ``latest`` pointer.
 
 Layout of one checkpoint (the run-directory contract):
-  model.pt      exactly ``tpblocks.models.io.model_payload`` (loadable by ``tpblocks.models.io.load_model``)
-  trainer.pt    {"format", "version", "step", "optimizer" (DDP: the full state; DeepSpeed: None),
-                 "scheduler", "rng": [per-rank torch/numpy/python states], "loader": [per-rank loader states],
-                 "world_size", "tokens_seen", "elapsed_s"}
-  optimizer_lane{g}.pt  parallel.lane > 1 only: the optimizer state of lane rank g (of dp replica 0; the other
-                replicas hold equal states); trainer.pt then has "optimizer": None and "lane": the degree
+  dcp/          model + optimizer state through torch.distributed.checkpoint, keyed by the FULL model's tensor
+                names (tpblocks/train/sharded_state.py): every rank writes its own shard, and the checkpoint loads
+                under any lane degree and world size
+  trainer.pt    {"format", "version", "step", "model_config", "backend", "optimizer_groups" (AdamW's param-group
+                hyperparameters; DeepSpeed: None), "scheduler", "rng": [per-rank torch/numpy/python states],
+                "loader": [the global loader cursor], "world_size", "lane", "tokens_seen", "elapsed_s", ...}: plain
+                types and tensors only, read with ``weights_only=True``
   deepspeed/    DeepSpeed backend only: the engine's own (ZeRO-partitioned) optimizer files
-
   manifest.json {"format": "tpblocks-checkpoint", "step", "files": {relative path: {"sha256", "bytes"}}} of every
                 other file, written last (tpblocks/integrity.py)
+  model.pt      not written by training: ``consolidate`` (or ``model_file``) converts dcp/ into the single-file
+                ``tpblocks.models.io`` format that ``load_model``, launch/generate.py and the HF export read, and
+                adds it to the manifest. The end-of-run greedy sample does this for the final checkpoint.
 
 Integrity: a checkpoint is trusted only when every file its manifest lists has its size and sha256. With
 ``train.resume=auto`` a damaged newest checkpoint (truncated, emptied, a file missing, bytes flipped) is reported
@@ -19,7 +22,8 @@ and the previous intact one is used; an explicitly named damaged checkpoint is r
 Atomicity: everything is written into ``checkpoints/.tmp_step_XXXXXXXX`` and renamed to its final name only
 when complete (``os.replace`` of a directory is atomic on POSIX), then ``latest`` is rewritten through a temp
 file. A run killed at any moment leaves either the previous checkpoint or the new one, never half of one;
-stale ``.tmp_*`` directories are ignored and cleaned on the next save.
+stale ``.tmp_*`` directories are ignored and cleaned on the next save. With ``train.async_checkpoint`` the
+rename waits until every rank's background write has finished.
 """
 
 from __future__ import annotations
@@ -35,11 +39,12 @@ import numpy as np
 import torch
 
 from tpblocks.integrity import checksum_listing, find_damage
-from tpblocks.models.io import read_torch_file
 
-FORMAT, VERSION = "tpblocks-trainer", 1
+FORMAT, VERSION = "tpblocks-trainer", 2  # 2: dcp/ replaced model.pt + optimizer_lane{g}.pt
 _PREFIX = "step_"
 MANIFEST = "manifest.json"
+TRAINER, SHARDS, MODEL_FILE = "trainer.pt", "dcp", "model.pt"
+REQUIRED = (TRAINER, f"{SHARDS}/.metadata")  # what a published checkpoint has whatever its manifest says
 
 
 def checkpoint_root(run_dir: str | os.PathLike) -> Path:
@@ -57,7 +62,9 @@ def tmp_dir(run_dir: str | os.PathLike, step: int) -> Path:
 
 def rng_state() -> dict:
     """This process's random states (torch CPU [+ CUDA], numpy, python)."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = (name, keys.tolist(), pos, has_gauss, cached)  # plain ints: loadable with weights_only=True
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -65,7 +72,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -82,10 +90,9 @@ def prepare_tmp(run_dir: str | os.PathLike, step: int) -> Path:
     return tmp
 
 
-def write_files(tmp: Path, model_payload: dict, trainer_state: dict) -> None:
-    """Write model.pt and trainer.pt into the temp directory (rank 0)."""
-    torch.save(model_payload, tmp / "model.pt")
-    torch.save({"format": FORMAT, "version": VERSION, **trainer_state}, tmp / "trainer.pt")
+def write_trainer_state(tmp: Path, trainer_state: dict) -> None:
+    """Write trainer.pt into the temp directory (rank 0; dcp/ is written by every rank)."""
+    torch.save({"format": FORMAT, "version": VERSION, **trainer_state}, tmp / TRAINER)
 
 
 def publish(run_dir: str | os.PathLike, step: int, keep: int) -> Path:
@@ -109,26 +116,44 @@ def write_manifest(tmp: Path, step: int) -> None:
     tool that edits a published checkpoint on purpose: re-sign it, or resuming from it is refused."""
     names = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
     names = [n for n in names if n != MANIFEST]  # re-signing: the old manifest is not part of the checkpoint
-    manifest = {"format": "tpblocks-checkpoint", "step": step, "files": checksum_listing(tmp, names)}
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    _write_manifest(tmp, step, checksum_listing(tmp, names))
 
 
-def checkpoint_damage(ckpt: str | os.PathLike) -> str | None:
-    """None when ``ckpt`` is intact, else why it cannot be trusted. A checkpoint written before manifests existed
-    is only checked for its two files (reading them then reports any damage)."""
-    ckpt = Path(ckpt)
-    for name in ("trainer.pt", "model.pt"):
-        if not (ckpt / name).is_file():
-            return f"{name} is missing"
+def _write_manifest(ckpt: Path, step: int, listing: dict) -> None:
+    manifest = {"format": "tpblocks-checkpoint", "step": step, "files": listing}
+    scratch = ckpt / (MANIFEST + ".tmp")
+    scratch.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(scratch, ckpt / MANIFEST)  # a published checkpoint gaining model.pt is never left unsigned
+
+
+def _manifest_listing(ckpt: Path) -> dict | None:
+    """The manifest's ``files``: None when there is no manifest, {} when it is unreadable."""
     manifest = ckpt / MANIFEST
     if not manifest.is_file():
         return None
     try:
         listing = json.loads(manifest.read_text())["files"]
-        assert isinstance(listing, dict)
-    except (ValueError, KeyError, TypeError, AssertionError):
+    except (ValueError, KeyError, TypeError):
+        return {}
+    return listing if isinstance(listing, dict) else {}
+
+
+def checkpoint_damage(ckpt: str | os.PathLike) -> str | None:
+    """None when ``ckpt`` is intact, else why it cannot be trusted. Without a manifest only the required files are
+    checked (reading them then reports any damage)."""
+    ckpt = Path(ckpt)
+    if (ckpt / MODEL_FILE).is_file() and not (ckpt / SHARDS).exists():
+        return f"it has the layout before sharded checkpoints (no {SHARDS}/): not resumable; its model.pt loads"
+    for name in REQUIRED:
+        if not (ckpt / name).is_file():
+            return f"{name} is missing"
+    listing = _manifest_listing(ckpt)
+    if listing is None:
+        return None
+    if not listing:
         return f"{MANIFEST} is unreadable"
-    return find_damage(ckpt, listing)
+    # model.pt is derived (consolidate) and never read on resume; load_model checks it against the manifest itself
+    return find_damage(ckpt, {k: v for k, v in listing.items() if k != MODEL_FILE})
 
 
 def complete_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
@@ -136,7 +161,7 @@ def complete_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX) and (p / "trainer.pt").exists()]
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX) and (p / TRAINER).exists()]
     return sorted(found, key=lambda p: int(p.name[len(_PREFIX) :]))
 
 
@@ -146,7 +171,7 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     pointer = root / "latest"
     if pointer.exists():
         named = root / pointer.read_text().strip()
-        if (named / "trainer.pt").exists() and (named / "model.pt").exists():
+        if all((named / name).exists() for name in REQUIRED):
             return named
     found = complete_checkpoints(run_dir)
     return found[-1] if found else None
@@ -187,7 +212,7 @@ def resolve_resume(resume: str, run_dir: str | os.PathLike, warn: Callable[[str]
     if resume == "auto":
         return newest_intact(run_dir, warn)
     path = Path(resume)
-    if path.is_dir() and any((path / name).exists() for name in ("trainer.pt", "model.pt", MANIFEST)):
+    if path.is_dir() and any((path / name).exists() for name in (*REQUIRED, MANIFEST)):
         damage = checkpoint_damage(path)
         if damage is not None:
             raise ValueError(
@@ -204,35 +229,58 @@ def resolve_resume(resume: str, run_dir: str | os.PathLike, warn: Callable[[str]
     return found
 
 
-def _lane_optimizer_path(ckpt: Path, lane_rank: int) -> Path:
-    return Path(ckpt) / f"optimizer_lane{lane_rank}.pt"
-
-
-def save_lane_optimizer(tmp: Path, lane_rank: int, state: dict) -> None:
-    """The optimizer state of one lane rank (its shards' moments), written by that rank."""
-    torch.save(state, _lane_optimizer_path(tmp, lane_rank))
-
-
-def load_lane_optimizer(ckpt: Path, lane_rank: int) -> dict:
-    path = _lane_optimizer_path(ckpt, lane_rank)
-    if not path.exists():
-        raise ValueError(f"{path} is missing: {ckpt} was not written by a lane-parallel run with this lane degree")
-    return read_torch_file(path)
+def read_torch_file(path: Path):
+    """``torch.load(weights_only=True)`` whose failure on a damaged or foreign file is one ValueError naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # EOFError, UnpicklingError, RuntimeError (zip), ...: all mean "unreadable"
+        raise ValueError(f"cannot read {path}: {type(err).__name__}: {err} (truncated or not a torch file)") from err
 
 
 def load_trainer_state(ckpt: Path) -> dict:
-    state = read_torch_file(ckpt / "trainer.pt")
+    state = read_torch_file(ckpt / TRAINER)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise ValueError(f"{ckpt / 'trainer.pt'} is not a tpblocks trainer checkpoint (format={found!r})")
+        raise ValueError(f"{ckpt / TRAINER} is not a tpblocks trainer checkpoint (format={found!r})")
     if state.get("version", 0) > VERSION:
         raise ValueError(f"{ckpt} was written by a newer tpblocks (trainer format {state['version']} > {VERSION})")
+    if state.get("version", 0) < VERSION:
+        raise ValueError(
+            f"{ckpt} was written by an older tpblocks (trainer format {state.get('version')}: full model.pt + "
+            f"per-lane optimizer files); it cannot be resumed, but its model.pt loads with load_model: start a new "
+            f"run from it"
+        )
     return state
 
 
-def load_model_state(ckpt: Path) -> dict:
-    """The ``model`` state dict of ``ckpt/model.pt`` (model_payload format)."""
-    payload = read_torch_file(ckpt / "model.pt")
-    if not isinstance(payload, dict) or payload.get("format") != "tpblocks-model":
-        raise ValueError(f"{ckpt / 'model.pt'} is not a tpblocks model file")
-    return payload
+def consolidate(ckpt: str | os.PathLike) -> Path:
+    """Convert ``ckpt``'s dcp/ into a single ``ckpt/model.pt`` (``tpblocks.models.io`` format, fp32, any layout
+    wrote it) and sign it into the manifest. One process, the full model in memory. Returns the file."""
+    from tpblocks.models.config import ModelConfig
+    from tpblocks.models.io import save_model
+    from tpblocks.models.model import TransformerLM
+
+    from .sharded_state import load_full_model_state
+
+    ckpt = Path(ckpt)
+    damage = checkpoint_damage(ckpt)
+    if damage is not None:
+        raise ValueError(f"checkpoint {ckpt} is damaged ({damage}); convert another checkpoint of {ckpt.parent}")
+    state = load_trainer_state(ckpt)
+    model = TransformerLM(ModelConfig(**state["model_config"]))
+    try:
+        model.load_state_dict(load_full_model_state(ckpt / SHARDS))
+    except RuntimeError as err:  # names the first tensors that differ instead of a traceback of torch's
+        raise ValueError(f"{ckpt / SHARDS} does not fit its own model_config: {str(err)[:500]}") from err
+    out = ckpt / MODEL_FILE
+    save_model(model, out)
+    listing = _manifest_listing(ckpt)
+    if listing is not None:
+        _write_manifest(ckpt, int(state["step"]), {**listing, **checksum_listing(ckpt, [MODEL_FILE])})
+    return out
+
+
+def model_file(ckpt: str | os.PathLike) -> Path:
+    """``ckpt/model.pt``, converted from dcp/ first when the checkpoint has none yet (``consolidate``)."""
+    path = Path(ckpt) / MODEL_FILE
+    return path if path.is_file() else consolidate(ckpt)

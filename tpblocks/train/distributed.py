@@ -1,14 +1,14 @@
 """Data-parallel backends for the trainer: plain/DDP and DeepSpeed ZeRO-1/2, behind one small interface.
 
-``init_distributed`` reads the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK); without it the run is a
-single process and no process group is created (DDP is then the identity). gloo on CPU, nccl on CUDA.
+``dist_env`` starts the process group through ``tpblocks.parallel.init_distributed`` (the one reader of the
+torchrun / Slurm environment); without a launcher the run is a single process and no process group is created
+(DDP is then the identity). gloo on CPU, nccl on CUDA.
 
 A backend owns the forward/backward of one micro-batch and the optimizer update; the trainer owns the loop:
 
     for j in range(accum):  loss_j = backend.forward_backward(x, y, last=(j == accum - 1))
     check the (rank-averaged) loss is finite        # before any update: a NaN never reaches the weights
-    grad_norm = backend.clip_grad()                 # DDP: clip here; DeepSpeed: clips inside its step
-    backend.apply()                                 # optimizer step + zero grads
+    grad_norm = backend.update()                    # clip + optimizer step + zero grads; the norm it clipped by
 
 ``Layout`` says how the ranks share the work (``layout_for``): ``ddp`` = every rank a data-parallel replica;
 ``lane`` = (dp, lane) mesh, the model sharded over the lane axis, gradients averaged over the dp group only;
@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import math
 import os
 import warnings
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -51,20 +51,26 @@ class DistEnv:
         return dist.is_available() and dist.is_initialized()
 
 
-def init_distributed(device: str = "auto", timeout_s: int = 600) -> DistEnv:
-    """Process group from the torchrun environment (none for a plain single process)."""
+def dist_env(device: str = "auto", timeout_s: int = 600) -> DistEnv:
+    """The process group (``tpblocks.parallel.init_distributed``) and this rank's coordinates and device."""
+    from tpblocks.parallel.dist import init_distributed, local_rank
+
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("trainer.device=cuda but no CUDA device is visible; use trainer.device=auto or cpu")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    rank, world = init_distributed("nccl" if use_cuda else "gloo", timeout_s)
+    dev = torch.device("cuda", local_rank()) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timedelta(seconds=timeout_s))
-    return DistEnv(rank=rank, world=world, local_rank=local_rank, device=dev)
+    return DistEnv(rank=rank, world=world, local_rank=local_rank(), device=dev)
+
+
+class NonFiniteGradNorm(ArithmeticError):
+    """The global gradient norm is NaN/inf: raised by ``update`` before the optimizer touches the weights."""
+
+    def __init__(self, norm: float):
+        super().__init__(f"gradient norm is {norm}")
+        self.norm = norm
 
 
 def barrier() -> None:
@@ -187,7 +193,17 @@ class DDPBackend:
             all_reduce_gradients(self.module, self.layout.dp_group)  # same shards on every rank of the dp group
         return loss.detach()
 
-    def clip_grad(self) -> float:
+    def update(self) -> float:
+        """Clip to ``optim.grad_clip`` by the global norm, step, zero the gradients; returns that norm. A
+        non-finite norm raises ``NonFiniteGradNorm`` before the step."""
+        norm = self._clip_grad()
+        if not math.isfinite(norm):
+            raise NonFiniteGradNorm(norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def _clip_grad(self) -> float:
         if self.layout.mode == "lane":
             from tpblocks.parallel import clip_grad_norm_
 
@@ -198,19 +214,15 @@ class DDPBackend:
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
 
-    def apply(self) -> None:
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+    @property
+    def checkpointed_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer whose state goes into the checkpoint's dcp/ (tpblocks/train/sharded_state.py)."""
+        return self.optimizer
 
-    def optimizer_state(self) -> dict | None:
-        return self.optimizer.state_dict()
+    def save_extra(self, tmp: Path) -> None:  # everything is in dcp/ and trainer.pt
+        pass
 
-    def load_optimizer_state(self, state: dict | None, ckpt: Path) -> None:
-        if state is None:
-            raise ValueError(f"{ckpt} was written by trainer=deepspeed; resume it with trainer=deepspeed")
-        self.optimizer.load_state_dict(state)
-
-    def save_extra(self, tmp: Path) -> None:  # everything fits in trainer.pt
+    def load_extra(self, ckpt: Path) -> None:
         pass
 
 
@@ -265,24 +277,16 @@ class DeepSpeedBackend:
             self.engine.step()  # not a boundary: only advances DeepSpeed's micro-step counter
         return loss.detach().float()
 
-    def clip_grad(self) -> float:
-        return float("nan")  # clipped inside engine.step(); the norm is read after it (grad_norm_after_step)
-
-    def apply(self) -> None:
+    def update(self) -> float:
+        """``engine.step()``, which clips (gradient_clipping) and steps; returns the norm it clipped by. The engine
+        computes that norm inside its step, so it cannot be checked before the update as DDP's is."""
         self.engine.step()
-
-    def grad_norm_after_step(self) -> float:
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
-    def optimizer_state(self) -> dict | None:
-        return None  # ZeRO-partitioned: written by save_extra
+    checkpointed_optimizer = None  # ZeRO-partitioned: the engine writes it (save_extra)
 
-    def load_optimizer_state(self, state: dict | None, ckpt: Path) -> None:
-        if not (ckpt / "deepspeed").is_dir():
-            raise ValueError(
-                f"{ckpt} holds no deepspeed/ state (it was written by trainer=ddp); resume with trainer=ddp"
-            )
+    def load_extra(self, ckpt: Path) -> None:
         self.engine.load_checkpoint(
             str(ckpt / "deepspeed"), tag=self.tag, load_optimizer_states=True, load_lr_scheduler_states=False
         )

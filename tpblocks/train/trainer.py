@@ -8,11 +8,11 @@ losses up to float re-association (tests/test_train_distributed.py).
 
 Parallel layouts (``tpblocks.train.distributed.Layout``): ``parallel.lane=G`` shards the model over G ranks
 (tpblocks.parallel.shard_model, after every rank built the same full model from the seed) and data-parallelises
-the rest; all G lane ranks of a replica read the same batch. Checkpoints still hold the FULL model
-(unshard_state_dict) in model_payload format; the optimizer state is per lane rank (``optimizer_lane{g}.pt``), so
-a resume needs the same lane degree. ``layer_parallel.enabled=true`` runs the layer stack by MGRIT over all ranks
-(tpblocks.parallel.mgrit): every rank reads the same batch, gradients are already identical, ``lp/*`` metrics go
-to metrics.jsonl.
+the rest; all G lane ranks of a replica read the same batch. Checkpoints are sharded through
+torch.distributed.checkpoint under the full model's tensor names (tpblocks/train/sharded_state.py): each rank
+writes its shard, and a run resumes under any lane degree and world size. ``layer_parallel.enabled=true`` runs
+the layer stack by MGRIT over all ranks (tpblocks.parallel.mgrit): every rank reads the same batch, gradients are
+already identical, ``lp/*`` metrics go to metrics.jsonl.
 
 Divergence: a non-finite (rank-averaged) loss or gradient norm stops the run *before* the update, with a message
 naming the step; the last good checkpoint is left untouched and summary.json says ``"status": "diverged"``.
@@ -34,21 +34,22 @@ import torch
 
 from tpblocks.config import RunConfig
 from tpblocks.models import build_model, total_parameters
-from tpblocks.models.io import model_payload
 
 from . import checkpoint as ckpt_io
+from . import sharded_state
 from .cpu_allocator import retain_freed_memory
 from .distributed import (
     DistEnv,
     Layout,
+    NonFiniteGradNorm,
     all_reduce_sum,
     autocast_dtype,
     barrier,
     broadcast_object,
     build_backend,
     compute_loss,
+    dist_env,
     gather_objects,
-    init_distributed,
     layout_for,
 )
 from .faults import Heartbeat, die_with_parent, is_timeout
@@ -86,6 +87,8 @@ class Trainer:
         self.last_eval_loss: float | None = None
         self.layout: Layout | None = None
         self.lp = None  # tpblocks.parallel.mgrit.LayerParallel when layer_parallel.enabled
+        self.pending_save: tuple[Any, int] | None = None  # (Future, step) of an async checkpoint not yet published
+        self.save_group = None  # process group of the async checkpoint writes (apart from the training ones)
 
     # ------------------------------------------------------------------ setup
     def _setup_run_dir(self) -> None:
@@ -192,26 +195,17 @@ class Trainer:
                 f"checkpoint {path} was written by {state['world_size']} rank(s) but this run has {env.world}; "
                 f"ZeRO optimizer partitions are per rank: resume trainer=deepspeed with the same number of ranks"
             )
-        lane = self.layout.lane
-        saved_lane = int(state.get("lane", 1))
-        if saved_lane != lane:
-            raise ValueError(
-                f"checkpoint {path} was written with parallel.lane={saved_lane} but this run has parallel.lane={lane}; "
-                f"the optimizer state is per lane rank: resume with parallel.lane={saved_lane} (model.pt alone "
-                f"holds the full model for any layout: start a new run from it instead)"
-            )
-        payload = ckpt_io.load_model_state(path)
-        _check_same_model(payload.get("model_config"), cfg.model, path)
-        if self.layout.mode == "lane":  # the full state, then this rank's share of it
-            from tpblocks.parallel import local_slice
-
-            spec = self.model.shard_spec
-            self.model.load_state_dict({k: local_slice(v, spec, k) for k, v in payload["model"].items()})
-            optim_state = ckpt_io.load_lane_optimizer(path, env.rank % lane)
-        else:
-            self.model.load_state_dict(payload["model"])
-            optim_state = state["optimizer"]
-        self.backend.load_optimizer_state(optim_state, path)
+        if state["backend"] != cfg.trainer.backend:
+            raise ValueError(f"checkpoint {path} was written by trainer={state['backend']}, whose optimizer state "
+                             f"this backend cannot read; resume it with trainer={state['backend']}")  # fmt: skip
+        _check_same_model(state["model_config"], cfg.model, path)
+        optimizer = self.backend.checkpointed_optimizer
+        shards = path / ckpt_io.SHARDS
+        sharded_state.load(self.model, optimizer, state["optimizer_groups"], self.layout.mesh, shards)
+        self.backend.load_extra(path)
+        if (state["lane"], state["world_size"]) != (self.layout.lane, env.world):
+            _say(env, f"resume: parallel.lane {state['lane']} -> {self.layout.lane}, world size "
+                      f"{state['world_size']} -> {env.world} (resharded)")  # fmt: skip
         horizon = load_scheduler_state(self.scheduler, state["scheduler"], cfg.train.max_steps)
         if horizon != cfg.train.max_steps:
             _say(env, f"resume: train.max_steps {horizon} -> {cfg.train.max_steps} (WSD decay moved to the new end)")
@@ -257,35 +251,35 @@ class Trainer:
         return total / count
 
     def save_checkpoint(self) -> None:
-        env = self.env
-        tmp = ckpt_io.prepare_tmp(self.run_dir, self.step) if env.is_main else None
+        """Every rank writes its shard into a temp directory, rank 0 the trainer state; published (renamed) when
+        the writes are done: now, or with ``train.async_checkpoint`` at the next save or the end of the run."""
+        env, cfg = self.env, self.cfg
+        self.publish_pending()
+        if env.is_main:
+            ckpt_io.prepare_tmp(self.run_dir, self.step)
         barrier()
         tmp = ckpt_io.tmp_dir(self.run_dir, self.step)
         self.backend.save_extra(tmp)
-        barrier()  # every rank's DeepSpeed files are in tmp before rank 0 checksums and publishes them
         rngs = gather_objects(ckpt_io.rng_state())
-        loaders = [self.loader.state_dict()]  # one global cursor (tpblocks/data/loader.py)
-        lane_mode = self.layout.mode == "lane"
-        full = None
-        if lane_mode:
-            from tpblocks.parallel import unshard_state_dict
+        optimizer = self.backend.checkpointed_optimizer
+        asynchronous = cfg.train.async_checkpoint
+        if asynchronous and env.distributed and self.save_group is None:
+            import torch.distributed as dist
 
-            full = unshard_state_dict(self.model)  # collective over the lane group: every rank calls it
-            if env.rank < self.layout.lane:  # dp replica 0 writes one optimizer file per lane rank
-                ckpt_io.save_lane_optimizer(tmp, env.rank, self.backend.optimizer_state())
-            barrier()  # every lane rank's file is in tmp before rank 0 publishes (renames) it
+            self.save_group = dist.new_group(backend="gloo")  # the write thread's collectives stay off the step's
+        future = sharded_state.save(
+            self.model, optimizer, self.layout.mesh, tmp / ckpt_io.SHARDS, self.save_group, asynchronous
+        )
         if env.is_main:
-            payload = model_payload(self.model)
-            if full is not None:
-                payload["model"] = {k: v.detach().cpu() for k, v in full.items()}
-            payload["model"] = {k: v.float() if v.is_floating_point() else v for k, v in payload["model"].items()}
             state = {
                 "step": self.step,
+                "model_config": cfg.model.to_dict(),
+                "backend": cfg.trainer.backend,
                 "lane": self.layout.lane,
-                "optimizer": None if lane_mode else self.backend.optimizer_state(),
+                "optimizer_groups": sharded_state.optimizer_groups(optimizer),
                 "scheduler": self.scheduler.state_dict(),
                 "rng": rngs,
-                "loader": loaders,
+                "loader": [self.loader.state_dict()],  # one global cursor (tpblocks/data/loader.py)
                 "world_size": env.world,
                 "tokens_seen": self.tokens_seen,
                 "elapsed_s": self.elapsed(),
@@ -294,8 +288,22 @@ class Trainer:
                 # MGRIT monitor decisions (rank 0's: every rank applied the same broadcast ones)
                 "layer_parallel": self.lp.state_dict() if self.lp is not None else None,
             }
-            ckpt_io.write_files(tmp, payload, state)
-            ckpt_io.publish(self.run_dir, self.step, self.cfg.train.keep_checkpoints)
+            ckpt_io.write_trainer_state(tmp, state)
+        self.pending_save = (future, self.step)
+        if future is None:
+            self.publish_pending()
+
+    def publish_pending(self) -> None:
+        """Wait for this rank's part of the last save, then (every rank's part written) rank 0 publishes it."""
+        if self.pending_save is None:
+            return
+        future, step = self.pending_save
+        self.pending_save = None
+        if future is not None:
+            future.result()
+        barrier()  # every rank's shard (and DeepSpeed files) are in the temp directory
+        if self.env.is_main:
+            ckpt_io.publish(self.run_dir, step, self.cfg.train.keep_checkpoints)
         barrier()
 
     def elapsed(self) -> float:
@@ -319,18 +327,15 @@ class Trainer:
             raise TrainingDiverged(f"train loss is {train_loss} at step {step}")
         if self.lp is not None and self.lp.enabled:
             lp_metrics = self._layer_parallel_step(step, train_loss, inputs, targets)
-        grad_norm = self.backend.clip_grad()
-        if self.backend.name == "ddp" and not math.isfinite(grad_norm):
-            raise TrainingDiverged(f"gradient norm is {grad_norm} at step {step} (loss {train_loss:.4f})")
         lr = self.scheduler.get_last_lr()[0]  # the lr this update uses
         try:
-            self.backend.apply()
+            grad_norm = self.backend.update()
+        except NonFiniteGradNorm as err:
+            raise TrainingDiverged(f"{err} at step {step} (loss {train_loss:.4f})") from err
         except RuntimeError as err:  # e.g. lr=1e300: the step size does not fit the parameters' dtype
             if "overflow" not in str(err):
                 raise
             raise TrainingDiverged(f"the optimizer update overflowed at step {step} (lr {lr:g}): {err}") from err
-        if self.backend.name == "deepspeed":
-            grad_norm = self.backend.grad_norm_after_step()
         self.scheduler.step()
         self.step = step
         self.tokens_seen += cfg.train.tokens_per_step
@@ -366,7 +371,7 @@ class Trainer:
     def fit(self) -> dict:
         cfg = self.cfg
         die_with_parent()
-        self.env = env = init_distributed(cfg.trainer.device, cfg.trainer.dist_timeout_s)
+        self.env = env = dist_env(cfg.trainer.device, cfg.trainer.dist_timeout_s)
         self.heartbeat = beat = Heartbeat()
         on_cpu = env.device.type == "cpu"
         self.cpu_memory_retained = on_cpu and cfg.trainer.cpu_allocator == "retain" and retain_freed_memory()
@@ -398,9 +403,11 @@ class Trainer:
                 if (train.checkpoint_every and step % train.checkpoint_every == 0) or step == train.max_steps:
                     beat.update("checkpoint", step)
                     self.save_checkpoint()
+            self.publish_pending()
             status = "completed"
         except TrainingDiverged as err:
             status, error = "diverged", f"{err}; stopped without updating the weights"
+            self.publish_pending()  # an async save of a good step still becomes a checkpoint
             last = ckpt_io.latest_checkpoint(self.run_dir)
             error += f"; last good checkpoint: {last}" if last else "; no checkpoint had been written yet"
             _say(env, f"DIVERGED: {error}")
@@ -448,8 +455,8 @@ class Trainer:
         if status != "completed" or not train.sample_tokens or latest is None:
             return
         try:
-            text, n = greedy_sample(latest / "model.pt", self.prepared.tokenizer_path, train.sample_prompt,
-                                    train.sample_tokens)  # fmt: skip
+            model = ckpt_io.model_file(latest)  # dcp/ -> model.pt, so generate also reads it
+            text, n = greedy_sample(model, self.prepared.tokenizer_path, train.sample_prompt, train.sample_tokens)
         except Exception as err:
             _say(env, f"sample not generated: {type(err).__name__}: {err}")
             return
