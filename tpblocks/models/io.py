@@ -1,7 +1,8 @@
 """Self-describing model files: the config travels with the weights, so any tool can rebuild the model.
 
-Format (``torch.save`` of a dict): ``{"format": "tpblocks-model", "version": 1, "model_config": {...},
-"model": state_dict}``. Training checkpoints embed the same dict as their ``model.pt``.
+Format (``torch.save`` of a dict of plain types and tensors, read with ``weights_only=True``):
+``{"format": "tpblocks-model", "version": 1, "model_config": {...}, "model": state_dict}``. Training checkpoints
+hold sharded state (``dcp/``); ``launch/consolidate.py`` writes this file from it.
 """
 
 from __future__ import annotations
@@ -44,9 +45,9 @@ def config_from_payload(payload: dict) -> ModelConfig:
 
 
 def read_torch_file(path: Path, map_location: str | torch.device = "cpu"):
-    """``torch.load`` whose failure on a damaged or foreign file is one ValueError naming the file."""
+    """``torch.load(weights_only=True)`` whose failure on a damaged or foreign file is one ValueError naming it."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # EOFError, UnpicklingError, RuntimeError (zip), ...: all mean "unreadable"
         raise ValueError(f"cannot read {path}: {type(err).__name__}: {err} (truncated or not a torch file)") from err
 
@@ -74,6 +75,9 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     if path.is_dir() and is_laneformer_dir(path):
         return load_laneformer(path).to(map_location)
     if path.is_dir():
+        if not (path / "model.pt").exists() and (path / "dcp").is_dir():
+            raise FileNotFoundError(f"{path} holds sharded training state only (dcp/); convert it first: "
+                                    f"python launch/consolidate.py {path}")  # fmt: skip
         path = path / "model.pt"
     if not path.exists():
         raise FileNotFoundError(f"no model file at {path}")

@@ -278,26 +278,31 @@ def unshard_state_dict(model: TransformerLM) -> dict[str, torch.Tensor]:
     state = model.state_dict()
     if not spec:
         return {k: v.clone() for k, v in state.items()}
-    world = comm.lane_world
     full: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
         if name not in spec:
             full[name] = tensor.clone()
             continue
-        dim, index = spec[name]
-        parts = [torch.empty_like(tensor) for _ in range(world)]
-        index = index.to(tensor.device)
-        indices = [torch.empty_like(index) for _ in range(world)]
-        dist.all_gather(parts, tensor.contiguous(), group=comm.group)
-        dist.all_gather(indices, index.contiguous(), group=comm.group)
-        size = int(torch.cat(indices).max()) + 1
-        shape = list(tensor.shape)
-        shape[dim] = size
-        out = tensor.new_zeros(shape)
-        for part, idx in zip(parts, indices):
-            out.index_copy_(dim, idx, part)  # replicated KV rows are written twice with equal values
-        full[name] = out
+        full[name] = gather_full(tensor, *spec[name], comm.group)
     return full
+
+
+@torch.no_grad()
+def gather_full(local: torch.Tensor, dim: int, index: torch.Tensor, group) -> torch.Tensor:
+    """The full tensor from every rank's ``local`` slice: each rank's rows put back at its ``index`` along ``dim``
+    (collective over ``group``). Rows several ranks hold (replicated KV heads) are written twice, equal values."""
+    world = dist.get_world_size(group)
+    index = index.to(local.device)
+    parts = [torch.empty_like(local) for _ in range(world)]
+    indices = [torch.empty_like(index) for _ in range(world)]
+    dist.all_gather(parts, local.contiguous(), group=group)
+    dist.all_gather(indices, index.contiguous(), group=group)
+    shape = list(local.shape)
+    shape[dim] = int(torch.cat(indices).max()) + 1
+    out = local.new_zeros(shape)
+    for part, idx in zip(parts, indices):
+        out.index_copy_(dim, idx, part)
+    return out
 
 
 def local_slice(full: torch.Tensor, spec: ShardSpec, name: str) -> torch.Tensor:

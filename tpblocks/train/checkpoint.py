@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from tpblocks.integrity import checksum_listing, find_damage
+from tpblocks.models.io import read_torch_file
 
 FORMAT, VERSION = "tpblocks-trainer", 2  # 2: dcp/ replaced model.pt + optimizer_lane{g}.pt
 _PREFIX = "step_"
@@ -227,14 +228,6 @@ def resolve_resume(resume: str, run_dir: str | os.PathLike, warn: Callable[[str]
             f"holding checkpoints/; use train.resume=auto, train.resume=none or a path under <run_dir>/checkpoints/"
         )
     return found
-
-
-def read_torch_file(path: Path):
-    """``torch.load(weights_only=True)`` whose failure on a damaged or foreign file is one ValueError naming it."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # EOFError, UnpicklingError, RuntimeError (zip), ...: all mean "unreadable"
-        raise ValueError(f"cannot read {path}: {type(err).__name__}: {err} (truncated or not a torch file)") from err
 
 
 def load_trainer_state(ckpt: Path) -> dict:

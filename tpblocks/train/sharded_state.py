@@ -30,7 +30,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from tpblocks.parallel import local_slice
+from tpblocks.parallel.placement import gather_full, local_slice
 
 MODEL, OPTIM = "model.", "optim."
 
@@ -65,23 +65,6 @@ def _as_dtensor(local: torch.Tensor, dim: int, index: torch.Tensor, mesh: Device
     return DTensor.from_local(local, mesh, [Replicate(), Shard(dim)], run_check=False, shape=shape, stride=stride)
 
 
-@torch.no_grad()
-def _gathered(local: torch.Tensor, dim: int, index: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
-    """The full tensor of a replicated-KV shard: every lane rank's rows put back at their indices."""
-    group, world = mesh.get_group("lane"), mesh["lane"].size()
-    index = index.to(local.device)
-    parts = [torch.empty_like(local) for _ in range(world)]
-    indices = [torch.empty_like(index) for _ in range(world)]
-    dist.all_gather(parts, local.contiguous(), group=group)
-    dist.all_gather(indices, index.contiguous(), group=group)
-    shape = list(local.shape)
-    shape[dim] = int(torch.cat(indices).max()) + 1
-    full = local.new_zeros(shape)
-    for part, idx in zip(parts, indices):
-        full.index_copy_(dim, idx, part)  # rows held twice are written twice, with equal values
-    return full
-
-
 class ShardMap:
     """How this rank's tensors sit in the full ones: the model's ``shard_spec`` and the (dp, lane) mesh."""
 
@@ -97,7 +80,7 @@ class ShardMap:
             return local
         dim, index = self.spec[name]
         if name in self.copies:
-            return _gathered(local, dim, index, self.mesh)
+            return gather_full(local, dim, index, self.mesh.get_group("lane"))
         return _as_dtensor(local, dim, index, self.mesh)
 
     def to_load(self, name: str, local: torch.Tensor, full_shape: torch.Size) -> torch.Tensor:
