@@ -65,17 +65,18 @@ _DEFAULTS = {"tie_word_embeddings": False}  # Laneformer's, where tpblocks' own 
 _IGNORED = {"model_type", "architectures", "torch_dtype", "transformers_version", "auto_map", "bos_token_id",
             "eos_token_id", "pad_token_id", "use_cache", "early_comm_resend"}  # fmt: skip
 
-# tpblocks lane-layer parameter -> Laneformer key under layers.{i}; True: a linear weight (transpose per lane).
+# tpblocks lane-layer parameter -> Laneformer key under layers.{i}. The lane-stacked matrices (3-D) are stored
+# (in, out) per lane here and (out, in) there: a transpose of the last two axes; the norms are copied as they are.
 _LAYER_KEYS = {
-    "wq": ("attention.wq.weight", True),
-    "wk": ("attention.wk.weight", True),
-    "wv": ("attention.wv.weight", True),
-    "wo": ("attention.wo.weight", True),
-    "w_gate": ("feed_forward.w1.weight", True),
-    "w_up": ("feed_forward.w3.weight", True),
-    "w_down": ("feed_forward.w2.weight", True),
-    "attn_norm": ("attention_norm.weight", False),
-    "ffn_norm": ("ffn_norm.weight", False),
+    "wq": "attention.wq.weight",
+    "wk": "attention.wk.weight",
+    "wv": "attention.wv.weight",
+    "wo": "attention.wo.weight",
+    "w_gate": "feed_forward.w1.weight",
+    "w_up": "feed_forward.w3.weight",
+    "w_down": "feed_forward.w2.weight",
+    "attn_norm": "attention_norm.weight",
+    "ffn_norm": "ffn_norm.weight",
 }
 
 
@@ -94,10 +95,14 @@ def config_from_laneformer(fields: dict, **overrides) -> ModelConfig:
     return ModelConfig(arch="dtp", rope_interleaved=True, **{**kwargs, **overrides})
 
 
-def laneformer_config(cfg: ModelConfig) -> dict:
-    """The Laneformer ``config.json`` dict of a DTP config."""
+def _require_dtp(cfg: ModelConfig) -> None:
     if cfg.arch != "dtp":
         raise ValueError(f"the Laneformer format holds arch='dtp' models, got arch={cfg.arch!r}")
+
+
+def laneformer_config(cfg: ModelConfig) -> dict:
+    """The Laneformer ``config.json`` dict of a DTP config."""
+    _require_dtp(cfg)
     fields = {theirs: getattr(cfg, ours) for theirs, ours in _CONFIG_FIELDS.items()}
     fields["intermediate_size"] = cfg.ffn_hidden
     return {"model_type": MODEL_TYPE, **fields, "early_comm_resend": cfg.early_comm_resend}
@@ -114,23 +119,37 @@ def _head_key(cfg: ModelConfig) -> str:
     return "lm_head.linear.weight" if cfg.lm_head_type == "lane" else "lm_head.weight"
 
 
+def _params_by_key(model: TransformerLM) -> dict[str, tuple[torch.Tensor, str]]:
+    """Laneformer key -> (the model's parameter, its lane-layer name or "") for every tensor the format holds."""
+    cfg = model.cfg
+    out = {"model.tok_embeddings.weight": (model.tok_embeddings.weight, ""),
+           "model.norm.weight": (model.norm.weight, "")}  # fmt: skip
+    for i, layer in enumerate(model.stages[0].layers):
+        for ours, theirs in _LAYER_KEYS.items():
+            out[f"model.layers.{i}.{theirs}"] = (getattr(layer, ours), ours)
+    if not cfg.tie_embeddings:
+        out[f"model.{_head_key(cfg)}"] = (model.output.weight, "")
+    return out
+
+
+def _stored_layout(w: torch.Tensor) -> torch.Tensor:
+    """A lane-stacked matrix (l, in, out) as Laneformer stores it, (l, out, in); anything else as it is."""
+    return w.transpose(1, 2) if w.dim() == 3 else w
+
+
 def to_laneformer_state_dict(model: TransformerLM) -> dict[str, torch.Tensor]:
     """The model's weights under Laneformer keys and layouts (a full, unsharded model)."""
     cfg = model.cfg
-    laneformer_config(cfg)
+    _require_dtp(cfg)
     if getattr(model, "shard_spec", None):
         raise ValueError("export a full model: gather a sharded one first (tpblocks.parallel.unshard_state_dict)")
-    out = {"model.tok_embeddings.weight": model.tok_embeddings.weight, "model.norm.weight": model.norm.weight}
-    for i, layer in enumerate(model.stages[0].layers):
-        for ours, (theirs, linear) in _LAYER_KEYS.items():
-            w = getattr(layer, ours)
-            w = w.transpose(1, 2) if linear else w
-            if ours in ("wq", "wk") and not cfg.rope_interleaved:
-                w = _rotate_half_rows_to_interleaved(w, cfg.head_dim)
-            out[f"model.layers.{i}.{theirs}"] = w
-    if not cfg.tie_embeddings:
-        out[f"model.{_head_key(cfg)}"] = model.output.weight
-    return {k: v.detach().contiguous() for k, v in out.items()}
+    out = {}
+    for key, (param, ours) in _params_by_key(model).items():
+        w = _stored_layout(param)
+        if ours in ("wq", "wk") and not cfg.rope_interleaved:
+            w = _rotate_half_rows_to_interleaved(w, cfg.head_dim)
+        out[key] = w.detach().contiguous()
+    return out
 
 
 @torch.no_grad()
@@ -143,30 +162,17 @@ def load_laneformer_state_dict(model: TransformerLM, weights: dict[str, torch.Te
     head = _head_key(cfg)
     if f"model.{head}" not in weights and head in weights:  # lm_head outside the model. prefix
         weights[f"model.{head}"] = weights.pop(head)
-    targets = {"model.tok_embeddings.weight": model.tok_embeddings.weight, "model.norm.weight": model.norm.weight}
-    for i, layer in enumerate(model.stages[0].layers):
-        for ours, (theirs, _) in _LAYER_KEYS.items():
-            targets[f"model.layers.{i}.{theirs}"] = getattr(layer, ours)
-    if not cfg.tie_embeddings:
-        targets[f"model.{head}"] = model.output.weight
+    targets = _params_by_key(model)
     missing, unexpected = sorted(set(targets) - set(weights)), sorted(set(weights) - set(targets))
     if missing or unexpected:
         raise ValueError(f"Laneformer weights do not match the config: missing {missing[:5]}, unexpected "
                          f"{unexpected[:5]} ({len(missing)} / {len(unexpected)} in all)")  # fmt: skip
-    for key, param in targets.items():
-        w = weights[key]
-        linear = key.startswith("model.layers.") and _LAYER_KEYS[_layer_param(key)][1]
-        w = w.transpose(1, 2) if linear else w
-        if w.shape != param.shape:
-            raise ValueError(f"{key}: shape {tuple(weights[key].shape)} does not fit the config (want "
-                             f"{tuple(param.transpose(1, 2).shape) if linear else tuple(param.shape)})")  # fmt: skip
-        param.copy_(w)
+    for key, (param, _) in targets.items():
+        if weights[key].shape != _stored_layout(param).shape:
+            raise ValueError(f"{key}: shape {tuple(weights[key].shape)} does not fit the config "
+                             f"(want {tuple(_stored_layout(param).shape)})")  # fmt: skip
+        param.copy_(_stored_layout(weights[key]))
     return model
-
-
-def _layer_param(key: str) -> str:
-    suffix = key.split(".", 3)[3]  # model.layers.{i}.<suffix>
-    return next(ours for ours, (theirs, _) in _LAYER_KEYS.items() if theirs == suffix)
 
 
 # ---------------------------------------------------------------------------------------------- files
