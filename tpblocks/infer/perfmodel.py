@@ -464,8 +464,9 @@ def hidden_work_per_sync(cfg: ModelConfig, *, devices: int, precision: float = 2
         attn = lanes * (2 * d * n * cfg.lane_head_dim + 2 * d * k * cfg.lane_head_dim + d) * precision
         return [attn] * (cfg.n_layers - 1)
     if cfg.arch == "dtp":  # a sum started after sub-layer t of layer i is awaited at sub-layer t of layer i + δ
-        layer = (decode_bytes(cfg, devices=devices, precision=precision).layer_weights / precision - h) / cfg.n_layers
-        return [cfg.broadcast_delay * layer * precision] * overlapped_syncs_for_config(cfg)
+        weights = decode_bytes(cfg, devices=devices, precision=precision).layer_weights  # + the final norm (h)
+        layer_bytes = (weights - h * precision) / cfg.n_layers
+        return [cfg.broadcast_delay * layer_bytes] * overlapped_syncs_for_config(cfg)
     return []
 
 

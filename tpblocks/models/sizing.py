@@ -39,10 +39,15 @@ def dtp_layer_params(cfg: ModelConfig) -> int:
     return classic_layer_params(cfg) - 2 * cfg.hidden_size + 2 * _dtp_norm_params(cfg)
 
 
+def head_in_width(cfg: ModelConfig) -> int:
+    """Input width of the output projection: L x h for DTP's ``lane`` head, h otherwise."""
+    return cfg.lane_count * cfg.hidden_size if cfg.arch == "dtp" and cfg.lm_head_type == "lane" else cfg.hidden_size
+
+
 def count_parameters(cfg: ModelConfig) -> dict[str, int]:
     """Parameter count by part; ``total`` includes embeddings (and the head when untied)."""
     h = cfg.hidden_size
-    head = cfg.vocab_size * h * (cfg.lane_count if cfg.arch == "dtp" and cfg.lm_head_type == "lane" else 1)
+    head = cfg.vocab_size * head_in_width(cfg)
     parts = {"embedding": cfg.vocab_size * h, "head": 0 if cfg.tie_embeddings else head, "norm": h}
     if cfg.arch == "dtp":
         parts["norm"] = _dtp_norm_params(cfg)
@@ -93,11 +98,6 @@ def attention_width_sum(cfg: ModelConfig) -> int:
         return cfg.n_layers * cfg.lane_count * lane
     per_block = cfg.lane_count * cfg.lane_depth * lane + cfg.n_classic_layers * classic
     return cfg.tp_block_repetition * per_block
-
-
-def head_in_width(cfg: ModelConfig) -> int:
-    """Input width of the output projection: L x h for DTP's ``lane`` head, h otherwise."""
-    return cfg.lane_count * cfg.hidden_size if cfg.arch == "dtp" and cfg.lm_head_type == "lane" else cfg.hidden_size
 
 
 def training_flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, int]:
