@@ -81,13 +81,20 @@ def _head_rows(heads: list[int] | torch.Tensor, head_dim: int) -> torch.Tensor:
     return (heads[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
 
 
+def _live_comm(model_ref: weakref.ref):
+    """The model's communicator when its calls really cross processes, else None (one rank, or the
+    no-communication ceiling): what every gradient hook below checks first."""
+    model = model_ref()
+    comm = model.comm if model is not None else None
+    return comm if getattr(comm, "distributed", False) else None
+
+
 def _all_reduce_rows_hook(model_ref: weakref.ref, rows: torch.Tensor, full_rows: int):
     """Gradient hook for a replicated-KV weight (out rows = ``rows`` of a ``full_rows`` matrix): sum over ranks."""
 
     def hook(grad: torch.Tensor) -> torch.Tensor:
-        model = model_ref()
-        comm = model.comm if model is not None else None
-        if not getattr(comm, "distributed", False):  # one rank, or the no-communication ceiling
+        comm = _live_comm(model_ref)
+        if comm is None:
             return grad
         index = rows.to(grad.device)
         full = grad.new_zeros(full_rows, grad.shape[1])
@@ -104,9 +111,8 @@ def _sum_grad_hook(model_ref: weakref.ref, kind: str):
     """Gradient hook for a parameter every lane shares but each rank uses only for its own lanes: sum over ranks."""
 
     def hook(grad: torch.Tensor) -> torch.Tensor:
-        model = model_ref()
-        comm = model.comm if model is not None else None
-        if not getattr(comm, "distributed", False):
+        comm = _live_comm(model_ref)
+        if comm is None:
             return grad
         comm.backward_counter.add(kind, blocking=True)
         grad = grad.clone()

@@ -45,6 +45,7 @@ from .placement import (
     Copies,
     ShardSpec,
     _lane_index,
+    _live_comm,
     _shard_classic,
     _shard_lanes,
     _shard_tp_block,
@@ -69,10 +70,9 @@ def _track_residual_hook(model_ref: weakref.ref):
     """Forward hook of a sharded Track block: remove the W-fold count of the residual's gradient (module doc)."""
 
     def hook(module: nn.Module, args: tuple, out: torch.Tensor):
-        model = model_ref()
-        comm = model.comm if model is not None else None
+        comm = _live_comm(model_ref)
         x_bsh = args[0] if args else None
-        if not getattr(comm, "distributed", False) or x_bsh is None or not torch.is_grad_enabled():
+        if comm is None or x_bsh is None or not torch.is_grad_enabled():
             return None
         if not x_bsh.requires_grad:
             return None
