@@ -117,10 +117,8 @@ class DTPStack(nn.Module):
 
 def final_norm(cfg: ModelConfig) -> RMSNorm:
     """The final norm: one weight (h,) shared by the lanes, or one per lane (L, h)."""
-    norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-    if cfg.arch == "dtp" and not cfg.replicated_rmsn_scale:
-        norm.weight = nn.Parameter(torch.ones(cfg.lane_count, cfg.hidden_size))
-    return norm
+    per_lane = cfg.arch == "dtp" and not cfg.replicated_rmsn_scale
+    return RMSNorm((cfg.lane_count, cfg.hidden_size) if per_lane else cfg.hidden_size, cfg.norm_eps)
 
 
 def lane_head_logits(

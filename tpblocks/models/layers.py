@@ -25,7 +25,8 @@ from .kv_cache import KVCache, causal_mask
 class RMSNorm(nn.Module):
     """RMSNorm computed in fp32 and cast back, as Hugging Face Llama does (needed for bit-level parity)."""
 
-    def __init__(self, dim: int, eps: float = 1e-5):
+    def __init__(self, dim: int | tuple[int, ...], eps: float = 1e-5):
+        """``dim``: the normalised width, or a shape whose last axis it is (a DTP model's per-lane norms: (L, h))."""
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
