@@ -9,7 +9,9 @@ Every configuration has the same sequential depth and (within 1%) the same param
 heads, FFN 1536, vocab 32000 untied, ~74M). In one run:
   1. calibrate: t_sync (small all-reduce between the ranks) and beta (matvec weight read, both ranks at once);
   2. time decode steps of the decode engine (static KV cache, fixed token stream, ``--batch`` sequences,
-     ``--dtype`` weights; with ``--compile`` every configuration also as a compiled step, side by side) of
+     ``--dtype`` weights; with ``--compile`` every configuration also as a compiled step, side by side: on CPU
+     the engine's default, frozen (inductor freezing: weights folded, linears prepacked for MKL); ``--unfrozen``
+     adds the plain compiled step as ``[compiled, unfrozen]`` rows) of
        llama (1 proc)   the unsharded baseline on rank 0 (the other rank idles at a barrier)
        llama-TP         Megatron tensor parallelism over the ranks, 2 syncs per layer (Eq. 9)
        sandwich / burger 1 TP block with one lane group per rank (1 sync, Eq. 11) and a hybrid with classic
@@ -29,6 +31,7 @@ times its own steps and the slower rank's median is reported (a group step ends 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -78,8 +81,9 @@ def build_configs(preset: dict, lanes: int, max_seq_len: int) -> dict[str, Model
 
 
 @torch.no_grad()
-def time_decode(engine: DecodeEngine, prompt_len: int, n_tokens: int, warmup: int, seed: int = 0):
+def time_decode(engine: DecodeEngine, prompt_len: int, n_tokens: int, warmup: int, seed: int = 0, around=None):
     """Per-step seconds of ``n_tokens`` decode steps after a prompt; and blocking syncs per step (eager only).
+    ``around``: a context manager the timed steps run in (a profiler).
 
     A fixed random token stream is fed (the same for every configuration); the greedy pick of each step is
     computed and kept waiting on, as a decode loop would.
@@ -95,13 +99,14 @@ def time_decode(engine: DecodeEngine, prompt_len: int, n_tokens: int, warmup: in
     counter = engine.model.comm.counter
     counter.reset()
     times = []
-    for _ in range(n_tokens):
-        input_pos = torch.tensor([pos], device=engine.device)
-        t0 = time.perf_counter()
-        picked = engine.pick(engine.decode(stream[:, pos : pos + 1], input_pos))
-        int(picked[0])  # the step is done when its token is known
-        times.append(time.perf_counter() - t0)
-        pos += 1
+    with around or contextlib.nullcontext():
+        for _ in range(n_tokens):
+            input_pos = torch.tensor([pos], device=engine.device)
+            t0 = time.perf_counter()
+            picked = engine.pick(engine.decode(stream[:, pos : pos + 1], input_pos))
+            int(picked[0])  # the step is done when its token is known
+            times.append(time.perf_counter() - t0)
+            pos += 1
     return times, counter.blocking / n_tokens
 
 
@@ -129,10 +134,14 @@ def parse_decode_args(description: str, argv: list[str] | None, *, quick_rounds:
         extra(parser)
     parser.add_argument("--vocab", type=int, default=None, help="vocabulary size; preset's")
     parser.add_argument("--compile", action="store_true", help="also time the compiled decode step, side by side")
+    parser.add_argument("--unfrozen", action="store_true",
+                        help="with --compile: also the compiled step without inductor freezing (CPU), side by side")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="decode weights")
     parser.add_argument("--batch", type=int, default=1, help="sequences decoded together")
     parser.add_argument("--vocab-parallel", action="store_true",
                         help="sharded configurations split the output head by vocabulary rows (+1 tiny sync)")
+    parser.add_argument("--profile", nargs="+", default=[], metavar="ROW",
+                        help="after timing, print torch.profiler's op table for these rows (labels as printed)")
     parser.add_argument("--prompt", type=int, default=32, help="prompt tokens prefilled before timing")
     parser.add_argument("--tokens", type=int, default=None, help="timed decode steps per round")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds over all configurations")
@@ -147,11 +156,32 @@ def parse_decode_args(description: str, argv: list[str] | None, *, quick_rounds:
         parser.error(f"--hidden={args.hidden} must be a multiple of {heads} ({preset['n_heads']} heads of even size)")
     if args.batch < 1:
         parser.error(f"--batch={args.batch} must be >= 1")
+    if args.unfrozen and not args.compile:
+        parser.error("--unfrozen adds compiled rows: pass --compile too")
+    args.modes = decode_modes(args)
     args.precision = torch.finfo(resolve_dtype(args.dtype)).bits // 8  # bytes per weight, for the byte counts
     # Short rounds interleaved over all configurations: load from other processes then hits them alike.
     args.tokens = args.tokens or (16 if args.quick else 32)
     args.rounds = args.rounds or (quick_rounds if args.quick else 10)
     return args
+
+
+def decode_modes(args) -> dict[str, dict]:
+    """Label suffix -> DecodeEngine options of every timed mode: eager, and with ``--compile`` the compiled step
+    (frozen on CPU, the engine's default) and with ``--unfrozen`` the compiled step without freezing."""
+    modes = {"": dict(compile=False)}
+    if args.compile:
+        modes[" [compiled]"] = dict(compile=True)
+    if args.unfrozen:
+        modes[" [compiled, unfrozen]"] = dict(compile=True, freeze=False)
+    return modes
+
+
+def split_mode(label: str) -> tuple[str, str]:
+    """(configuration, mode suffix) of a row label: ``"burger-1blk no-comm [compiled]"`` -> (``"burger-1blk
+    no-comm"``, ``" [compiled]"``); an eager label has the suffix ``""``."""
+    base, bracket, rest = label.partition(" [")
+    return base, bracket + rest
 
 
 def run_distributed(script: str, run, args, warmup: int = 3) -> int:
@@ -226,11 +256,10 @@ def build_engines(label: str, model, args, max_seq_len: int, devices: int) -> di
     """``label -> (engine, devices, communicate)`` for ``model``: eager, and compiled with ``--compile``; each with
     its no-comm ceiling when sharded. The engines share the model (cast to ``--dtype`` once) and own their cache."""
     model.to(resolve_dtype(args.dtype))
-    modes = [("", False)] + ([(" [compiled]", True)] if args.compile else [])
     runs = {}
-    for suffix, compiled in modes:
-        engine = DecodeEngine(model, batch=args.batch, max_seq_len=max_seq_len, compile=compiled,
-                              compile_prefill=False)  # only decode steps are timed  # fmt: skip
+    for suffix, options in args.modes.items():
+        engine = DecodeEngine(model, batch=args.batch, max_seq_len=max_seq_len, compile_prefill=False,
+                              **options)  # only decode steps are timed  # fmt: skip
         runs[f"{label}{suffix}"] = (engine, devices, True)
         if devices > 1:
             runs[f"{label} no-comm{suffix}"] = (engine, devices, False)
@@ -239,8 +268,8 @@ def build_engines(label: str, model, args, max_seq_len: int, devices: int) -> di
 
 def ceiling_label(label: str) -> str:
     """The no-comm ceiling's label of a ``build_engines`` label (``"x [compiled]"`` -> ``"x no-comm [compiled]"``)."""
-    base, compiled = label.removesuffix(" [compiled]"), label.endswith(" [compiled]")
-    return f"{base.removesuffix(' no-comm')} no-comm" + (" [compiled]" if compiled else "")
+    base, mode = split_mode(label)
+    return f"{base.removesuffix(' no-comm')} no-comm{mode}"
 
 
 def _run(args, rank: int, world: int, tokens: int, rounds: int, warmup: int) -> int:
@@ -272,11 +301,34 @@ def _run(args, rank: int, world: int, tokens: int, rounds: int, warmup: int) -> 
 
     times, syncs = time_interleaved(runs, args.prompt, tokens, warmup, rounds, rank)
     figures = _figures(runs, label_cfg, times, syncs, args, hw_star, context, world, rank)
+    profiles = profile_steps(runs, args.profile, args.prompt, tokens, warmup, rank)
     if rank != 0:
         return 0
-    _add_ratios(figures, args.compile)
+    _add_ratios(figures, args.modes)
     _print_report(figures, args, hw, hw_star, world, calib, tokens, rounds)
+    for label, table in profiles.items():
+        print(f"\nprofile of {tokens} decode steps of {label} (rank 0; self time per op, ms over all steps):\n{table}")
     return 0
+
+
+def profile_steps(runs: dict, labels: list[str], prompt: int, tokens: int, warmup: int, rank: int) -> dict[str, str]:
+    """torch.profiler's per-op table of ``tokens`` decode steps of each of ``labels`` (after the timed rounds:
+    compiled and warm). Every rank steps (the collectives need all of them); rank 0's table is returned."""
+    from torch.profiler import profile
+
+    tables = {}
+    for label in labels:
+        if label not in runs:
+            raise SystemExit(f"--profile {label!r}: not a row of this run; rows: {', '.join(runs)}")
+        engine, devices, communicate = runs[label]
+        if devices == 1 and rank != 0:
+            continue
+        engine.model.comm.enabled = communicate
+        prof = profile()
+        time_decode(engine, prompt, tokens, warmup, around=prof)
+        engine.model.comm.enabled = True
+        tables[label] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+    return tables
 
 
 def _figures(runs, label_cfg, times, syncs, args, hw_star, context, world, rank) -> dict[str, dict]:
@@ -293,7 +345,7 @@ def _figures(runs, label_cfg, times, syncs, args, hw_star, context, world, rank)
         nbytes = pm.decode_bytes(cfg, devices=devices, context=context, batch=args.batch,
                                  precision=args.precision, vocab_parallel_head=vp).total  # fmt: skip
         n_syncs = pm.syncs_for_config(cfg, vp) if communicate and devices > 1 else 0
-        eager_label = label.replace(" [compiled]", "")
+        eager_label = split_mode(label)[0]
         pred = pm.predict_bytes(nbytes, n_syncs, hw_star, devices, batch=args.batch)
         figures[label] = dict(
             params=total_parameters(cfg), bytes_per_rank=nbytes, devices=devices, compiled=engine.compiled,
@@ -305,13 +357,13 @@ def _figures(runs, label_cfg, times, syncs, args, hw_star, context, world, rank)
     return figures
 
 
-def _add_ratios(figures: dict[str, dict], compiled: bool) -> None:
+def _add_ratios(figures: dict[str, dict], modes: dict) -> None:
     """Speed-up over Llama-TP and fraction of the no-comm ceiling (same mode), and ``pred@step`` (module doc)."""
-    for suffix in [""] + ([" [compiled]"] if compiled else []):
+    for suffix in modes:
         tp, tp_free = figures[f"llama-TP{suffix}"], figures[f"llama-TP no-comm{suffix}"]
         t_sync_step = (tp["measured_s"] - tp_free["measured_s"]) / tp["syncs_formula"]
         for label, f in figures.items():
-            if f["compiled"] != (suffix != ""):
+            if split_mode(label)[1] != suffix:
                 continue
             ceiling = figures.get(ceiling_label(label))
             f["t_sync_in_step_s"] = t_sync_step
@@ -342,25 +394,40 @@ def _row(label: str, f: dict) -> dict:
     }
 
 
-def _verdicts(figures: dict[str, dict], compiled: bool) -> list[str]:
-    suffix = " [compiled]" if compiled else ""
+def _target_verdicts(figures: dict[str, dict], suffix: str) -> list[str]:
+    """The issue's two targets for the one-block recipes, in the mode of ``suffix``."""
     out = []
     for name in ("sandwich-1blk", "burger-1blk"):
         f = figures[f"{name}{suffix}"]
         out.append(f"{name}{suffix}: {f['speedup_vs_llama_tp']:.2f}x Llama-TP{suffix} (target >= 3: "
                    f"{'met' if f['speedup_vs_llama_tp'] >= 3 else 'MISSED'}), {f['fraction_of_ceiling']:.2f} of its "
                    f"no-comm ceiling (target >= 0.9: {'met' if f['fraction_of_ceiling'] >= 0.9 else 'MISSED'})")
-    if compiled:
-        eager, comp = figures["llama-TP"]["measured_s"], figures["llama-TP [compiled]"]["measured_s"]
+    return out
+
+
+def _verdicts(figures: dict[str, dict], modes: dict) -> list[str]:
+    out = ["eager: " + "; ".join(_target_verdicts(figures, ""))] if len(modes) > 1 else []
+    for suffix in list(modes)[1:] or [""]:
+        out += _target_verdicts(figures, suffix)
+    eager = figures["llama-TP"]["measured_s"]
+    for suffix in list(modes)[1:]:
+        comp = figures[f"llama-TP{suffix}"]["measured_s"]
         verdict = "met" if comp < eager else "MISSED"
-        out.append(f"compiled Llama-TP {eager / comp:.2f}x eager Llama-TP (target > 1: {verdict})")
+        out.append(f"Llama-TP{suffix} {eager / comp:.2f}x eager Llama-TP (target > 1: {verdict})")
+    if " [compiled, unfrozen]" in modes:  # what inductor freezing buys, per configuration
+        ratios = []
+        for label, f in figures.items():
+            base, suffix = split_mode(label)
+            unfrozen = figures.get(f"{base} [compiled, unfrozen]")
+            if suffix == " [compiled]" and unfrozen:
+                ratios.append(f"{base} {unfrozen['measured_s'] / f['measured_s']:.2f}x")
+        out.append("frozen compiled step vs unfrozen (speed-up): " + ", ".join(ratios))
     within = [abs(f["measured_s"] / f["predicted_at_step_s"] - 1) <= 0.15 for f in figures.values()
               if f["predicted_at_step_s"]]  # fmt: skip
     out.append(f"pred@step within 15 % of measured: {sum(within)}/{len(within)} rows")
-    tp = figures["llama-TP"]
-    out.append(f"sync cost inside a decode step (Llama-TP minus its no-comm ceiling, per sync): "
-               f"{tp['t_sync_in_step_s'] * 1e6:.0f} us eager" + (
-                   f", {figures['llama-TP [compiled]']['t_sync_in_step_s'] * 1e6:.0f} us compiled" if compiled else ""))
+    costs = ", ".join(f"{figures[f'llama-TP{suffix}']['t_sync_in_step_s'] * 1e6:.0f} us "
+                      f"{suffix.strip(' []') or 'eager'}" for suffix in modes)  # fmt: skip
+    out.append(f"sync cost inside a decode step (Llama-TP minus its no-comm ceiling, per sync): {costs}")
     return out
 
 
@@ -371,9 +438,7 @@ def _print_report(figures, args, hw, hw_star, world, calib, tokens, rounds) -> N
              f"to back, {hw_star.t_sync * 1e6:.0f} us between matvecs, beta {hw.beta / 1e9:.2f} GB/s (fp32 matvec), "
              f"measured in this run")  # fmt: skip
     print_table([_row(label, f) for label, f in figures.items()], title=title)
-    verdicts = _verdicts(figures, args.compile)
-    if args.compile:
-        verdicts.insert(0, "eager: " + "; ".join(_verdicts(figures, False)[:2]))
+    verdicts = _verdicts(figures, args.modes)
     warning = busy_machine_warning()
     if warning:
         verdicts.append(warning)
@@ -385,7 +450,7 @@ def _print_report(figures, args, hw, hw_star, world, calib, tokens, rounds) -> N
             "benchmark": "decode", "world": world, "tokens": tokens, "rounds": rounds, "prompt": args.prompt,
             "preset": args.preset, "model": args.model, "batch": args.batch, "dtype": args.dtype,
             "vocab_parallel_head": args.vocab_parallel,
-            "compile": args.compile, "calibration": calib.as_dict(), "hardware": hw.__dict__,
+            "compile": args.compile, "modes": args.modes, "calibration": calib.as_dict(), "hardware": hw.__dict__,
             "hardware_in_compute": hw_star.__dict__, "results": figures, "verdicts": verdicts, "machine": info,
         })  # fmt: skip
 

@@ -39,6 +39,7 @@ from benchmarks.decode import (  # noqa: E402
     ceiling_label,
     parse_decode_args,
     run_distributed,
+    split_mode,
     time_interleaved,
 )
 from tpblocks.infer import perfmodel as pm  # noqa: E402
@@ -106,7 +107,7 @@ def _run(args, rank: int, world: int, tokens: int, rounds: int, warmup: int) -> 
     precision = args.precision
     for label, (name, cfg, engine, communicate) in runs.items():
         measured = _group_quantile(times[label], 0.5, world)
-        blocking, overlapped, collectives, async_ops = counted[label.removesuffix(" [compiled]")]
+        blocking, overlapped, collectives, async_ops = counted[split_mode(label)[0]]
         kw = dict(devices=world, context=context, precision=precision, batch=args.batch)
         pred = pm.predict(cfg, hw, communicate=communicate, **kw)
         pred_star = pm.predict(cfg, hw_star, communicate=communicate, **kw)
@@ -132,7 +133,7 @@ def _run(args, rank: int, world: int, tokens: int, rounds: int, warmup: int) -> 
 
     rows = []
     for label, f in figures.items():
-        tp = figures["llama-TP [compiled]" if f["compiled"] else "llama-TP"]
+        tp = figures[f"llama-TP{split_mode(label)[1]}"]
         base, base_pred = tp["measured_s"], tp["predicted_s"]
         ceiling = figures[ceiling_label(label)]
         f["speedup_vs_llama_tp"] = base / f["measured_s"]

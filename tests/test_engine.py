@@ -121,6 +121,20 @@ def test_compiled_greedy_equals_eager_one_process(flavor):
     assert torch.equal(want, got)
 
 
+@pytest.mark.slow
+def test_freezing_is_the_cpu_default_and_unfrozen_also_equals_eager():
+    """On CPU a compiled engine compiles with inductor freezing unless told not to; both give eager's tokens."""
+    model = _model("debug_burger")
+    assert DecodeEngine(model, max_seq_len=8, compile=True).frozen
+    assert not DecodeEngine(model, max_seq_len=8).frozen
+    unfrozen = DecodeEngine(model, max_seq_len=24, compile=True, compile_prefill=False, freeze=False)
+    assert not unfrozen.frozen
+    prompt = _prompt(5)
+    assert torch.equal(unfrozen.generate(prompt, 16), DecodeEngine(model, max_seq_len=24).generate(prompt, 16))
+    with pytest.raises(ValueError, match="freeze"):
+        DecodeEngine(model, max_seq_len=8, compile=True, mode="max-autotune-no-cudagraphs", freeze=True)
+
+
 def _collectives_in_graph(model, prompt) -> int:
     """Functional collectives in the Dynamo graph of one decode step (a backend that only looks)."""
     found: list[int] = []
