@@ -169,11 +169,13 @@ def test_a_non_finite_gradient_norm_stops_before_the_update():
     from test_train_support import compose
 
     from tpblocks.config import RunConfig
-    from tpblocks.train.distributed import DDPBackend, NonFiniteGradNorm, dist_env
+    from tpblocks.parallel import parallel_dims, parallelize
+    from tpblocks.train.distributed import NonFiniteGradNorm, TorchBackend, dist_env
 
     cfg = RunConfig.from_dictconfig(compose(["run_dir=/tmp/unused"]))
     model = torch.nn.Linear(3, 2)
-    backend = DDPBackend(model, torch.optim.AdamW(model.parameters()), cfg, dist_env("cpu"), accum=1)
+    par = parallelize(model, parallel_dims(cfg, 1), cfg, torch.device("cpu"))
+    backend = TorchBackend(par, torch.optim.AdamW(model.parameters()), cfg, dist_env("cpu"), accum=1)
     model(torch.ones(1, 3)).sum().backward()
     model.weight.grad[0, 0] = float("nan")
     before = model.weight.detach().clone()
