@@ -37,7 +37,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from .comm import MeshComm
 from .dims import ParallelDims
 from .dist import all_reduce_gradients
-from .placement import clip_grad_norm_, shard_model
+from .placement import clip_grad_norm_, copy_dp_shard_, shard_model
 
 if TYPE_CHECKING:  # tpblocks.config imports tpblocks.parallel: a type here only
     from tpblocks.config import RunConfig
@@ -207,15 +207,8 @@ def _gradient_sync(model: nn.Module, last: bool):
 def _lane_sums_after_fsdp(model: nn.Module, hooks: dict[str, Callable]) -> None:
     """Apply each lane gradient hook of ``shard_model`` (a sum over the lane group of a parameter every lane rank
     holds) to the dp-reduced gradient: the hook sees the dp shards gathered, and this rank keeps its own."""
-    if not hooks:
-        return
-    from torch.distributed.tensor import distribute_tensor
-
     params = dict(model.named_parameters())
     for name, hook in hooks.items():
         grad = params[name].grad
-        if grad is None:
-            continue
-        summed = hook(grad.full_tensor())
-        mine = distribute_tensor(summed, grad.device_mesh, grad.placements, src_data_rank=None)
-        grad.to_local().copy_(mine.to_local())
+        if grad is not None:
+            copy_dp_shard_(grad, hook(grad.full_tensor()))

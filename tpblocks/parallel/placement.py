@@ -322,6 +322,15 @@ def gather_full(local: torch.Tensor, dim: int, index: torch.Tensor, group) -> to
     return out
 
 
+@torch.no_grad()
+def copy_dp_shard_(dst: DTensor, full: torch.Tensor) -> None:
+    """Write into FSDP2's ``dst`` (a dp shard) this rank's part of ``full``, the whole tensor it shards."""
+    from torch.distributed.tensor import distribute_tensor
+
+    mine = distribute_tensor(full, dst.device_mesh, dst.placements, src_data_rank=None)  # local cut, no comm
+    dst.to_local().copy_(mine.to_local())
+
+
 def local_slice(full: torch.Tensor, spec: ShardSpec, name: str) -> torch.Tensor:
     """This rank's share of a full tensor of parameter ``name`` (unchanged if it is replicated)."""
     if name not in spec:
