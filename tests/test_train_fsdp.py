@@ -20,8 +20,15 @@ from tpblocks.train import run
 
 __all__ = ["one_thread", "tiny_data"]
 
-# 6 steps of 512 tokens (micro_batch 8 x 32 tokens x 2 ranks), checkpoints at steps 3 and 6.
-EXTRA = {"train.max_steps": 6, "train.eval_every": 3, "train.checkpoint_every": 3, "train.sample_tokens": 0}
+# 6 steps of 512 tokens (micro_batch 8 x 32 tokens x 2 ranks), checkpoints at steps 3 and 6. 1536 held-out tokens
+# are 3 batches of 16 x 32: 2 on rank 0, 1 on rank 1, whose FSDP forwards must keep pace (Trainer.eval_rounds).
+EXTRA = {
+    "train.max_steps": 6,
+    "train.eval_every": 3,
+    "train.checkpoint_every": 3,
+    "train.sample_tokens": 0,
+    "train.eval_tokens": 1536,
+}
 FSDP = {"trainer": "fsdp"}
 
 
@@ -77,6 +84,19 @@ def test_fsdp_dp2_by_lane2_on_four_ranks_equals_one_process(tiny_data, tmp_path,
     assert read_summary(mesh_dir)["parallel"] == {"dp": 2, "lane": 2}
     _assert_same_curve(read_metrics(mesh_dir), read_metrics(one_dir), tol=2e-5)
     _assert_same_weights(ckpt_io.latest_checkpoint(mesh_dir), ckpt_io.latest_checkpoint(one_dir))
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.timeout(600)
+def test_fsdp_bf16_gathers_track_fp32(fsdp_two_ranks, tiny_data, tmp_path):
+    bf16_dir = tmp_path / "bf16"
+    proc = launch(tiny_overrides(tiny_data, bf16_dir, **EXTRA, **FSDP, **{"train.precision": "bf16"}), nproc=2)
+    assert proc.returncode == 0, _why(proc)
+    assert "FSDP2: fully_shard over dp 2 (lane 1), bf16 gathers, fp32 reductions" in proc.stderr
+    fp32, bf16 = _col(read_metrics(fsdp_two_ranks), "train_loss"), _col(read_metrics(bf16_dir), "train_loss")
+    assert fp32 != bf16  # bf16 really ran (different rounding)
+    assert max(abs(a - b) for a, b in zip(fp32, bf16)) < 0.05
 
 
 def test_fsdp_in_one_process_trains_as_ddp(tiny_data, tmp_path, one_thread):
