@@ -4,9 +4,7 @@
   order differs: FSDP2 reduce-scatters what DDP all-reduces).
 * Its sharded checkpoint resumes: under fsdp on 2 ranks (the same curve onward), and under ddp in one process
   (fsdp -> ddp, dp 2 -> 1).
-* dp 2 x lane 2 on 4 ranks: FSDP2 shards the lane shards further over dp; the curve and the consolidated final
-  weights equal one process. The tiny Burger's classic layer has one KV head for two lane ranks, so its K/V
-  gradients need the lane sum that ``fully_shard`` takes off the parameters (parallelize's ``sync_grads``).
+* dp 2 x lane 2 on 4 ranks under fsdp equals one process: tests/test_train_parallel.py (both backends).
 """
 
 from __future__ import annotations
@@ -69,21 +67,6 @@ def test_fsdp_checkpoint_resumes_under_fsdp_and_under_ddp(fsdp_two_ranks, tiny_d
     # fsdp on 2 ranks -> ddp in one process (accumulation 2): the same curve to fp32 tolerance
     single = _resumed(tiny_data, tmp_path / "ddp1", EXTRA, step3, nproc=1)
     _assert_same_curve(single, full[3:], tol=2e-5)
-
-
-@pytest.mark.slow
-@pytest.mark.distributed
-@pytest.mark.timeout(600)
-def test_fsdp_dp2_by_lane2_on_four_ranks_equals_one_process(tiny_data, tmp_path, one_thread):
-    extra = {**EXTRA, "train.max_steps": 4, "train.eval_every": 2, "train.checkpoint_every": 0, "train.micro_batch": 4}
-    mesh_dir, one_dir = tmp_path / "fsdp_dp2lane2", tmp_path / "one"
-    proc = launch(tiny_overrides(tiny_data, mesh_dir, **extra, **FSDP, **{"parallel.lane": 2}), nproc=4)
-    assert proc.returncode == 0, _why(proc)
-    assert "FSDP2: fully_shard over dp 2 (lane 2), fp32" in proc.stderr
-    run(compose(tiny_overrides(tiny_data, one_dir, **extra)))
-    assert read_summary(mesh_dir)["parallel"] == {"dp": 2, "lane": 2}
-    _assert_same_curve(read_metrics(mesh_dir), read_metrics(one_dir), tol=2e-5)
-    _assert_same_weights(ckpt_io.latest_checkpoint(mesh_dir), ckpt_io.latest_checkpoint(one_dir))
 
 
 @pytest.mark.slow
