@@ -2,8 +2,8 @@
 
 * 2 ranks: the same losses, gradient norms and final weights as ``trainer=ddp`` on 2 ranks (only the reduction
   order differs: FSDP2 reduce-scatters what DDP all-reduces).
-* Its sharded checkpoint resumes: under fsdp on 2 ranks (the same curve onward), and under ddp in one process
-  (fsdp -> ddp, dp 2 -> 1).
+* Its sharded checkpoint resumes: under fsdp on 2 ranks (the same curve onward), under ddp in one process
+  (fsdp -> ddp, dp 2 -> 1), and under fsdp with parallel.lane=2 (dp 2 -> lane 2).
 * dp 2 x lane 2 on 4 ranks under fsdp equals one process: tests/test_train_parallel.py (both backends).
 """
 
@@ -67,6 +67,9 @@ def test_fsdp_checkpoint_resumes_under_fsdp_and_under_ddp(fsdp_two_ranks, tiny_d
     # fsdp on 2 ranks -> ddp in one process (accumulation 2): the same curve to fp32 tolerance
     single = _resumed(tiny_data, tmp_path / "ddp1", EXTRA, step3, nproc=1)
     _assert_same_curve(single, full[3:], tol=2e-5)
+    # fsdp dp 2 -> fsdp lane 2 (dp 1): the dp shards become lane shards
+    lane = _resumed(tiny_data, tmp_path / "lane2", EXTRA, step3, nproc=2, **FSDP, **{"parallel.lane": 2})
+    _assert_same_curve(lane, full[3:], tol=2e-5)
 
 
 @pytest.mark.slow
