@@ -196,6 +196,10 @@ class TrainConfig:
         _require(self.precision in PRECISIONS, f"train.precision={self.precision!r} must be one of {PRECISIONS}")
         _require(bool(self.resume), "train.resume must be 'auto', 'none' or a checkpoint path")
 
+    def bf16_on(self, device_type: str) -> bool:
+        """Whether the run computes in bf16 on ``device_type``: ``precision=bf16``, or ``auto`` on CUDA."""
+        return self.precision == "bf16" or (self.precision == "auto" and device_type == "cuda")
+
     def grad_accumulation(self, seq_len: int, world_size: int) -> int:
         """Micro-steps per optimizer step; ValueError when the effective batch cannot be reached exactly."""
         per_pass = self.micro_batch * seq_len * world_size

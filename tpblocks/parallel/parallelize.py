@@ -136,7 +136,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: RunConfig, device: to
             f"{lp.iters}, relax {lp.relax}; every rank reads the same batch"
         )
     if backend == "fsdp" and distributed:
-        _fully_shard(par, cfg.train.precision == "bf16")
+        _fully_shard(par, cfg.train.bf16_on(device.type))
     elif backend != "deepspeed":  # ddp, and fsdp in one process (nothing to shard over): the model as it is
         _data_parallel(par, distributed, device)
     if cfg.train.compile and backend != "deepspeed":

@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from tpblocks.config import RunConfig
+from tpblocks.config import RunConfig, TrainConfig
 from tpblocks.parallel.parallelize import Parallelized
 
 
@@ -110,11 +110,9 @@ def compute_loss(logits_bsv: torch.Tensor, targets_bs: torch.Tensor) -> torch.Te
     return F.cross_entropy(logits_bsv.float().flatten(0, 1), targets_bs.flatten())
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 for ``precision=bf16`` (or ``auto`` on CUDA); None means plain fp32."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
+def autocast_dtype(train: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 when the run computes in it (``TrainConfig.bf16_on``); None means plain fp32."""
+    return torch.bfloat16 if train.bf16_on(device.type) else None
 
 
 class TorchBackend:
@@ -125,7 +123,7 @@ class TorchBackend:
     def __init__(self, par: Parallelized, optimizer: torch.optim.Optimizer, cfg: RunConfig, env: DistEnv, accum: int):
         self.par, self.optimizer, self.env, self.accum = par, optimizer, env, accum
         self.grad_clip = cfg.optim.grad_clip
-        self.dtype = autocast_dtype(cfg.train.precision, env.device)
+        self.dtype = autocast_dtype(cfg.train, env.device)
 
     def forward_backward(self, inputs_bs: torch.Tensor, targets_bs: torch.Tensor, last: bool) -> torch.Tensor:
         with self.par.micro_batch(last):
@@ -209,7 +207,7 @@ class DeepSpeedBackend:
             os.environ.setdefault("LOCAL_RANK", "0")
             dist.init_process_group(backend="nccl" if env.device.type == "cuda" else "gloo")
         self.module, self.optimizer, self.env = model, optimizer, env
-        bf16 = autocast_dtype(cfg.train.precision, env.device) is not None
+        bf16 = cfg.train.bf16_on(env.device.type)
         ds_config = {
             "train_micro_batch_size_per_gpu": cfg.train.micro_batch,
             "gradient_accumulation_steps": accum,

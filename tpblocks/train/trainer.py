@@ -223,7 +223,7 @@ class Trainer:
         return total / count
 
     def _logits(self, inputs_bs: torch.Tensor) -> torch.Tensor:
-        with autocast(autocast_dtype(self.cfg.train.precision, self.env.device), self.env.device):
+        with autocast(autocast_dtype(self.cfg.train, self.env.device), self.env.device):
             return self.model(inputs_bs.to(self.env.device))
 
     def save_checkpoint(self) -> None:
