@@ -6,8 +6,8 @@ Every rank builds the same full model from the seed; ``parallelize`` then places
    Megatron shards of classic layers);
 2. layer parallelism (``dims.layer_parallel``): ``apply_layer_parallel`` runs the layer stack by MGRIT;
 3. data parallelism over ``dp``, by ``trainer.backend``:
-   * ``ddp``: torch DDP when every rank is a replica; with lanes, the dp-group all-reduce after the last
-     micro-batch (``sync_grads``); under MGRIT nothing (every rank already holds the full gradient);
+   * ``ddp``: torch DDP over the dp group (with lanes, each lane rank's dp peers hold the same shards); under
+     MGRIT nothing (every rank already holds the full gradient);
    * ``fsdp``: FSDP2 ``fully_shard`` on the ``dp`` sub-mesh, per stage then the root (bf16 gathers under
      ``train.precision=bf16``, fp32 master weights and reductions). Lane shards are plain local tensors, so
      FSDP shards them further over dp. ``fully_shard`` replaces the parameter objects and with them the lane
@@ -36,7 +36,6 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from .comm import MeshComm
 from .dims import ParallelDims
-from .dist import all_reduce_gradients
 from .placement import clip_grad_norm_, copy_dp_shard_, shard_model
 
 if TYPE_CHECKING:  # tpblocks.config imports tpblocks.parallel: a type here only
@@ -155,21 +154,19 @@ def _torch_clip(model: nn.Module) -> Callable[[float | None], float]:
 
 
 def _data_parallel(par: Parallelized, distributed: bool, device: torch.device) -> None:
-    """trainer=ddp: DDP over the world when every rank is a replica; lane groups average over dp by hand."""
+    """trainer=ddp: DDP over the dp group (the world when every rank is a replica), its all-reduce overlapping
+    the backward; a lane rank's dp peers hold the same shards. Under MGRIT nothing: it all-reduces the layer
+    gradients itself."""
     model, dims = par.module, par.dims
-    if dims.lane_enabled:
-        # The global norm over all lanes / shards, the same on every rank (a per-shard norm would clip each lane
-        # rank by a different factor).
-        par._clip = lambda max_norm: clip_grad_norm_(model, max_norm)
-        if dims.dp_enabled:  # every rank of a dp group holds the same shards
-            par._sync = lambda: all_reduce_gradients(model, dims.mesh.get_group("dp"))
-        return
-    par._clip = _torch_clip(model)
-    if dims.layer_parallel or not distributed:  # MGRIT all-reduces the layer gradients itself
+    # With lanes, the global norm over all lanes / shards, the same on every rank (a per-shard norm would clip each
+    # lane rank by a different factor).
+    par._clip = (lambda max_norm: clip_grad_norm_(model, max_norm)) if dims.lane_enabled else _torch_clip(model)
+    if dims.layer_parallel or not distributed or not dims.dp_enabled:
         return
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    group = dims.mesh.get_group("dp") if dims.lane_enabled else None  # None: the default group, no mesh needed
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, process_group=group)
     par.forward = ddp
     # Gradients are all-reduced only on the last micro-batch (no_sync elsewhere): one sync per update.
     par._micro_batch = lambda last: contextlib.nullcontext() if last else ddp.no_sync()
