@@ -1,4 +1,4 @@
-"""The one place that applies parallelism to a model: ``parallelize(model, dims, cfg, env) -> Parallelized``.
+"""The one place that applies parallelism to a model: ``parallelize(model, dims, cfg, device) -> Parallelized``.
 
 Every rank builds the same full model from the seed; ``parallelize`` then places it, in this order:
 
@@ -8,10 +8,11 @@ Every rank builds the same full model from the seed; ``parallelize`` then places
 3. data parallelism over ``dp``, by ``trainer.backend``:
    * ``ddp``: torch DDP over the dp group (with lanes, each lane rank's dp peers hold the same shards); under
      MGRIT nothing (every rank already holds the full gradient);
-   * ``fsdp``: FSDP2 ``fully_shard`` on the ``dp`` sub-mesh, per stage then the root (bf16 gathers under
-     ``train.precision=bf16``, fp32 master weights and reductions). Lane shards are plain local tensors, so
-     FSDP shards them further over dp. ``fully_shard`` replaces the parameter objects and with them the lane
-     gradient hooks of ``shard_model``; ``sync_grads`` applies those hooks to the dp-reduced gradients instead;
+   * ``fsdp``: FSDP2 ``fully_shard`` on the ``dp`` sub-mesh, per stage then the root (bf16 gathers when the
+     run computes in bf16, ``TrainConfig.bf16_on``; fp32 master weights and reductions). Lane shards are plain
+     local tensors, so FSDP shards them further over dp. ``fully_shard`` replaces the parameter objects and with
+     them the lane gradient hooks of ``shard_model``; ``sync_grads`` applies those hooks to the dp-reduced
+     gradients instead;
    * ``deepspeed``: nothing here; the engine (``tpblocks.train.distributed``) wraps the placed model;
 4. ``torch.compile`` of the forward (``train.compile``; DeepSpeed has its own).
 
