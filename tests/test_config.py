@@ -136,7 +136,7 @@ def test_command_line_beats_experiment():
         ("optim.beta2=1.5", "optim.beta2"),
         ("scheduler.name=linear", "scheduler.name"),
         ("scheduler.warmup_fraction=1.5", "scheduler.warmup_fraction"),
-        ("trainer.backend=fsdp", "trainer.backend"),
+        ("trainer.backend=zero3", "trainer.backend"),
         ("trainer.zero_stage=3", "trainer.zero_stage"),
         ("train.tokens_per_step=1000", "train.tokens_per_step"),
         ("train.precision=fp16", "train.precision"),
@@ -178,8 +178,9 @@ def test_parallel_keys_default_off_and_compose():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["parallel.lane=2", "trainer=deepspeed"], r"parallel\.lane=2 needs trainer=ddp"),
+        (["parallel.lane=2", "trainer=deepspeed"], r"parallel\.lane=2 needs trainer=ddp or trainer=fsdp"),
         (["+experiment=mgrit_smoke", "trainer=deepspeed"], r"layer_parallel\.enabled=true needs trainer=ddp"),
+        (["+experiment=mgrit_smoke", "trainer=fsdp"], r"layer_parallel\.enabled=true needs trainer=ddp \(not fsdp\)"),
         (["+experiment=mgrit_smoke", "parallel.lane=2"], r"cannot be combined with lane sharding"),
     ],
 )

@@ -121,3 +121,18 @@ def test_selfcheck_refuses_one_process(monkeypatch, capsys):
         monkeypatch.delenv(name, raising=False)
     assert selfcheck.main(["--flavor", "debug_llama"]) == 2
     assert "nproc_per_node" in capsys.readouterr().err
+
+
+def test_dims_are_the_layout_the_data_loader_reads():
+    """mode and data coordinates: every rank a replica, lane groups reading one batch each, MGRIT one batch."""
+    ddp, lane, mgrit = (
+        ParallelDims(dp=-1, lane=1, world_size=4),
+        ParallelDims(dp=-1, lane=2, world_size=4),
+        ParallelDims(layer_parallel=True, world_size=4),
+    )
+    assert (ddp.mode, lane.mode, mgrit.mode) == ("ddp", "lane", "mgrit")
+    assert [ddp.data_rank(r) for r in range(4)] == [0, 1, 2, 3] and ddp.data_world == 4
+    assert [lane.data_rank(r) for r in range(4)] == [0, 0, 1, 1] and lane.data_world == 2
+    assert [mgrit.data_rank(r) for r in range(4)] == [0, 0, 0, 0] and mgrit.data_world == 1
+    with pytest.raises(ValueError, match=r"layer_parallel runs replicated weights on all 4 ranks: dp=1 and lane=2"):
+        ParallelDims(lane=2, layer_parallel=True, world_size=4)

@@ -4,7 +4,8 @@
   Llama); at the same effective batch the losses equal the one-process run's, the sharded checkpoint converts to
   the FULL model (loads in one process and equals the one-process run's weights), and a resume from it continues
   the same curve: with the same layout, with parallel.lane=1 in one process, and the other way round (lane 1 ->
-  2, dp 1 -> 2 with async checkpoints, dp 2 -> 1). On 4 ranks, a dp 2 x lane 2 mesh gives the same curve too.
+  2, dp 1 -> 2 with async checkpoints, dp 2 -> 1). On 4 ranks, a dp 2 x lane 2 mesh gives the same curve too,
+  under trainer=ddp and trainer=fsdp.
 * ``layer_parallel.enabled=true``: Llama's layer stack is solved by MGRIT over both ranks; the losses stay within
   a stated tolerance of the serial run and the ``lp/*`` monitor figures land in metrics.jsonl.
 """
@@ -134,12 +135,17 @@ def test_resume_under_another_layout_continues_the_curve(tiny_data, tmp_path, on
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.timeout(600)
-def test_dp_by_lane_mesh_on_four_ranks_equals_one_process(tiny_data, tmp_path, one_thread):
-    """dp 2 x lane 2: each lane pair reads its dp replica's batch, gradients averaged over the dp group only."""
+@pytest.mark.parametrize("trainer", ["ddp", "fsdp"])
+def test_dp_by_lane_mesh_on_four_ranks_equals_one_process(trainer, tiny_data, tmp_path, one_thread):
+    """dp 2 x lane 2: each lane pair reads its dp replica's batch, gradients averaged over the dp group only; under
+    fsdp, FSDP2 shards the lane shards further over dp. The tiny Burger's classic layer has one KV head for two lane
+    ranks, so its K/V gradients need a lane sum, which fully_shard takes off the parameters (parallelize's
+    ``sync_grads`` applies it to the dp-reduced gradients)."""
     extra = {**EXTRA, "train.max_steps": 4, "train.eval_every": 2, "train.checkpoint_every": 0, "train.micro_batch": 4}
     mesh_dir, one_dir = tmp_path / "dp2lane2", tmp_path / "one"
-    proc = launch(tiny_overrides(tiny_data, mesh_dir, **extra, **{"parallel.lane": 2}), nproc=4)
+    proc = launch(tiny_overrides(tiny_data, mesh_dir, **extra, **{"parallel.lane": 2, "trainer": trainer}), nproc=4)
     assert proc.returncode == 0, _why(proc)
+    assert (trainer == "fsdp") == ("FSDP2: fully_shard over dp 2 (lane 2), fp32" in proc.stderr)
     run(compose(tiny_overrides(tiny_data, one_dir, **extra)))
     assert read_summary(mesh_dir)["parallel"] == {"dp": 2, "lane": 2}
     _assert_same_curve(read_metrics(mesh_dir), read_metrics(one_dir), tol=2e-5)

@@ -169,11 +169,13 @@ def test_a_non_finite_gradient_norm_stops_before_the_update():
     from test_train_support import compose
 
     from tpblocks.config import RunConfig
-    from tpblocks.train.distributed import DDPBackend, NonFiniteGradNorm, dist_env
+    from tpblocks.parallel import parallel_dims, parallelize
+    from tpblocks.train.distributed import NonFiniteGradNorm, TorchBackend, dist_env
 
     cfg = RunConfig.from_dictconfig(compose(["run_dir=/tmp/unused"]))
     model = torch.nn.Linear(3, 2)
-    backend = DDPBackend(model, torch.optim.AdamW(model.parameters()), cfg, dist_env("cpu"), accum=1)
+    par = parallelize(model, parallel_dims(cfg, 1), cfg, torch.device("cpu"))
+    backend = TorchBackend(par, torch.optim.AdamW(model.parameters()), cfg, dist_env("cpu"), accum=1)
     model(torch.ones(1, 3)).sum().backward()
     model.weight.grad[0, 0] = float("nan")
     before = model.weight.detach().clone()
@@ -183,3 +185,22 @@ def test_a_non_finite_gradient_norm_stops_before_the_update():
     model.zero_grad()
     model(torch.ones(1, 3)).sum().backward()
     assert backend.update() > 0 and not torch.equal(model.weight, before) and model.weight.grad is None
+
+
+def test_the_trainer_has_no_layout_or_backend_branches():
+    """The trainer reads as the step: which layout or backend runs is tpblocks.parallel.parallelize's business
+    (and the backend's), so no ``if`` in trainer.py asks for a mode, a backend name or MGRIT."""
+    import ast
+    import re
+    from pathlib import Path
+
+    import tpblocks.train.trainer as trainer
+
+    asks = re.compile(r"\.mode\b|backend\b|deepspeed|fsdp|ddp|\blp\b|layer_parallel|\.lane\b|lane_enabled|is_ddp")
+    tree = ast.parse(Path(trainer.__file__).read_text())
+    tests = [ast.unparse(n.test) for n in ast.walk(tree) if isinstance(n, (ast.If, ast.IfExp, ast.While))]
+    assert len(tests) > 10  # the walk really sees the trainer's conditions
+    # The one exception decides nothing: it says in the log that a resume reshards.
+    logs_only = "(state['lane'], state['world_size']) != (self.dims.lane, env.world)"
+    assert [t for t in tests if asks.search(t)] == [logs_only]
+    assert asks.search("cfg.trainer.backend == 'deepspeed'") and asks.search("self.lp is not None")

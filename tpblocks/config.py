@@ -14,7 +14,7 @@ Groups and the dataclass each becomes:
   data       tpblocks.data.DataConfig                       (owned by tpblocks/data/)
   optim      OptimConfig     AdamW (the only optimizer of the report's protocol, Table 6)
   scheduler  SchedulerConfig cosine (1 cycle) | wsd (warm-up, stable, decay)
-  trainer    TrainerConfig   backend ddp | deepspeed (ZeRO-1/2)
+  trainer    TrainerConfig   backend ddp | fsdp (FSDP2 on the dp mesh) | deepspeed (ZeRO-1/2)
   train      TrainConfig     steps, effective batch in tokens, micro-batch, eval/log/checkpoint cadence
   wandb      WandbConfig     offline by default, online when asked, disabled = never imported
   parallel   ParallelConfig  lane degree: ``lane`` ranks hold one model (TP-block lanes / Megatron shards); the
@@ -39,7 +39,7 @@ from tpblocks.typed import require as _require
 
 PRECISIONS = ("auto", "bf16", "fp32")
 SCHEDULERS = ("cosine", "wsd")
-BACKENDS = ("ddp", "deepspeed")
+BACKENDS = ("ddp", "fsdp", "deepspeed")
 WANDB_MODES = ("offline", "online", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
 CPU_ALLOCATORS = ("retain", "system")
@@ -196,6 +196,10 @@ class TrainConfig:
         _require(self.precision in PRECISIONS, f"train.precision={self.precision!r} must be one of {PRECISIONS}")
         _require(bool(self.resume), "train.resume must be 'auto', 'none' or a checkpoint path")
 
+    def bf16_on(self, device_type: str) -> bool:
+        """Whether the run computes in bf16 on ``device_type``: ``precision=bf16``, or ``auto`` on CUDA."""
+        return self.precision == "bf16" or (self.precision == "auto" and device_type == "cuda")
+
     def grad_accumulation(self, seq_len: int, world_size: int) -> int:
         """Micro-steps per optimizer step; ValueError when the effective batch cannot be reached exactly."""
         per_pass = self.micro_batch * seq_len * world_size
@@ -298,9 +302,9 @@ class RunConfig:
         lane, mgrit = self.parallel.lane, self.layer_parallel.enabled
         if lane > 1:
             _require(
-                self.trainer.backend == "ddp",
-                f"parallel.lane={lane} needs trainer=ddp: DeepSpeed ZeRO would partition optimizer state across "
-                f"ranks that hold different lanes; use trainer=ddp or parallel.lane=1",
+                self.trainer.backend != "deepspeed",
+                f"parallel.lane={lane} needs trainer=ddp or trainer=fsdp: DeepSpeed ZeRO would partition optimizer "
+                f"state across ranks that hold different lanes; use trainer=fsdp (shards over dp) or parallel.lane=1",
             )
             try:
                 check_lane_degree(self.model, lane)
@@ -315,8 +319,9 @@ class RunConfig:
             )
             _require(
                 self.trainer.backend == "ddp",
-                "layer_parallel.enabled=true needs trainer=ddp: MGRIT already gives every rank the full gradient, "
-                "there is nothing for DeepSpeed to partition or average. Use trainer=ddp",
+                f"layer_parallel.enabled=true needs trainer=ddp (not {self.trainer.backend}): MGRIT runs the whole "
+                f"weights on every rank and already gives each the full gradient, there is nothing to shard or "
+                f"average over data-parallel ranks. Use trainer=ddp",
             )
 
     @property

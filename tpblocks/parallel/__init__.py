@@ -12,6 +12,7 @@ from .audit import CollectiveAudit, expected_syncs_per_token
 from .comm import MeshComm
 from .dims import ParallelDims, check_lane_degree
 from .dist import all_reduce_gradients, destroy_distributed, init_distributed, local_device
+from .parallelize import Parallelized, parallel_dims, parallelize
 from .placement import clip_grad_norm_, kv_heads_for_rank, local_slice, shard_model, unshard_state_dict
 from .vocab_parallel import vocab_parallel_cross_entropy
 
@@ -19,6 +20,7 @@ __all__ = [
     "CollectiveAudit",
     "MeshComm",
     "ParallelDims",
+    "Parallelized",
     "all_reduce_gradients",
     "check_lane_degree",
     "clip_grad_norm_",
@@ -28,6 +30,8 @@ __all__ = [
     "kv_heads_for_rank",
     "local_device",
     "local_slice",
+    "parallel_dims",
+    "parallelize",
     "shard_model",
     "unshard_state_dict",
     "vocab_parallel_cross_entropy",

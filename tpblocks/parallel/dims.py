@@ -1,9 +1,11 @@
-"""Parallel degrees and the named device mesh (data parallel x lane parallel).
+"""Parallel degrees and the named device mesh (data parallel x lane parallel): the one type for a run's layout.
 
 A run on ``world_size`` ranks is a 2-D grid ``(dp, lane)``. The ``lane`` axis is the inner one, so the ranks of
 one lane group are consecutive (on one node, behind NVLink on a GPU server): they hold the lanes of every TP
 block and, Megatron-style, the shards of every classic layer. The ``lane`` axis is therefore also the
 tensor-parallel axis. The ``dp`` axis replicates that group; each dp rank reads different data.
+With ``layer_parallel`` the whole world runs one model's layer stack by MGRIT instead (``dp = lane = 1``): every
+rank reads the same batch.
 
 Every inconsistency is reported at start-up as a ``ValueError`` that names the field and the fix, e.g.
 ``"lane_count=6 is not a multiple of the lane degree 4"``, instead of a shape error deep inside a matmul.
@@ -12,6 +14,7 @@ Every inconsistency is reported at start-up as a ``ValueError`` that names the f
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -24,11 +27,14 @@ class ParallelDims:
     """Degrees of parallelism. ``dp=-1`` means "whatever is left": ``world_size // lane``.
 
     ``world_size`` defaults to the size of the initialised default process group, or 1 without one.
+    ``layer_parallel``: the world is one MGRIT group (module doc). ``device_type`` is the mesh's device.
     """
 
     dp: int = 1
     lane: int = 1
     world_size: int | None = None
+    layer_parallel: bool = False
+    device_type: str = "cpu"
 
     def __post_init__(self) -> None:
         world = self.world_size
@@ -48,7 +54,13 @@ class ParallelDims:
             object.__setattr__(self, "dp", world // self.lane)
         if self.dp < 1:
             raise ValueError(f"dp={self.dp} must be >= 1, or -1 to use every rank left after the lane degree")
-        if self.dp * self.lane != world:
+        if self.layer_parallel:
+            if (self.dp, self.lane) != (1, 1):
+                raise ValueError(
+                    f"layer_parallel runs replicated weights on all {world} ranks: dp={self.dp} and lane={self.lane} "
+                    f"must both be 1 (set parallel.lane=1 or layer_parallel.enabled=false)"
+                )
+        elif self.dp * self.lane != world:
             raise ValueError(
                 f"dp={self.dp} x lane={self.lane} = {self.dp * self.lane} ranks, but world_size={world}; "
                 f"set dp=-1 to infer it, or launch {self.dp * self.lane} ranks (torchrun --nproc_per_node)"
@@ -63,11 +75,29 @@ class ParallelDims:
     def dp_enabled(self) -> bool:
         return self.dp > 1
 
+    @property
+    def mode(self) -> str:
+        """ "mgrit" (layer parallel), "lane" (a (dp, lane) mesh with lane > 1) or "ddp" (every rank a replica)."""
+        if self.layer_parallel:
+            return "mgrit"
+        return "lane" if self.lane_enabled else "ddp"
+
     def coords(self, rank: int) -> tuple[int, int]:
         """(dp_rank, lane_rank) of a global rank: the lane axis varies fastest."""
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank={rank} is outside 0..{self.world_size - 1}")
+        if self.layer_parallel:
+            return 0, 0
         return divmod(rank, self.lane)
+
+    @property
+    def data_world(self) -> int:
+        """How many different batches one step reads: the data loader's world (1 under MGRIT)."""
+        return self.dp
+
+    def data_rank(self, rank: int) -> int:
+        """Which of them ``rank`` reads: its dp coordinate (all lane ranks of a replica read the same batch)."""
+        return self.coords(rank)[0]
 
     # ------------------------------------------------------------------ validation against a model
     def check_model(self, cfg: ModelConfig) -> None:
@@ -88,6 +118,12 @@ class ParallelDims:
                 f"{dist.get_world_size()} ranks; rebuild it with world_size=None"
             )
         return init_device_mesh(device_type, (self.dp, self.lane), mesh_dim_names=("dp", "lane"))
+
+    @cached_property
+    def mesh(self) -> DeviceMesh:
+        """This run's (dp, lane) mesh on ``device_type``, built on first use (a collective) and then kept: every
+        named sub-mesh (``mesh["dp"]``, ``mesh["lane"]``) comes from it."""
+        return self.build_mesh(self.device_type)
 
 
 def check_lane_degree(cfg: ModelConfig, lane: int) -> None:

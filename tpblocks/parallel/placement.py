@@ -34,6 +34,7 @@ import weakref
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor, Shard
 
 from ..models.comm import Communicator
 from ..models.layers import Attention, DecoderLayer, FeedForward
@@ -106,6 +107,14 @@ def _all_reduce_rows_hook(model_ref: weakref.ref, rows: torch.Tensor, full_rows:
     return hook
 
 
+def _lane_grad_hook(model_ref: weakref.ref, name: str, param: torch.Tensor, hook) -> None:
+    """Register ``hook`` on ``param`` and record it in ``model.lane_grad_hooks[name]``: a data-parallel wrapper
+    that replaces the parameter objects (FSDP2's ``fully_shard``, which drops their hooks) applies the recorded
+    hook to the dp-reduced gradient instead (``tpblocks.parallel.parallelize``)."""
+    param.register_hook(hook)
+    model_ref().lane_grad_hooks[name] = hook
+
+
 # ---------------------------------------------------------------------------------------------- sharding
 def _sum_grad_hook(model_ref: weakref.ref, kind: str):
     """Gradient hook for a parameter every lane shares but each rank uses only for its own lanes: sum over ranks."""
@@ -139,7 +148,8 @@ def _shard_lanes(
             if param.dim() == 1:
                 if model_ref is None:
                     raise TypeError(f"{prefix}.layers.{i}.{name} is shared by the lanes: pass model_ref")
-                param.register_hook(_sum_grad_hook(model_ref, "shared_norm_grad"))
+                hook = _sum_grad_hook(model_ref, "shared_norm_grad")
+                _lane_grad_hook(model_ref, f"{prefix}.layers.{i}.{name}", param, hook)
                 continue
             setattr(layer, name, _take(param, 0, index))
             spec[f"{prefix}.layers.{i}.{name}"] = (0, index)
@@ -184,8 +194,8 @@ def _shard_classic(
     if k % world != 0:  # replicated KV heads: their gradient is split over the ranks that share them
         for name in ("wk", "wv"):
             copies[f"{prefix}.attn.{name}.weight"] = kv_copies
-            attn_param = getattr(attn, name).weight
-            attn_param.register_hook(_all_reduce_rows_hook(model_ref, kv_rows, k * e))
+            hook = _all_reduce_rows_hook(model_ref, kv_rows, k * e)
+            _lane_grad_hook(model_ref, f"{prefix}.attn.{name}.weight", getattr(attn, name).weight, hook)
     ffn: FeedForward = layer.ffn
     f_local = ffn.w_gate.out_features // world
     f_rows = torch.arange(rank * f_local, (rank + 1) * f_local)
@@ -245,6 +255,7 @@ def shard_model(model: TransformerLM, comm: Communicator, *, vocab_parallel_head
 
     spec: ShardSpec = {}
     copies: Copies = {}
+    model.lane_grad_hooks = {}
     if world > 1:
         model_ref = weakref.ref(model)
         for i, stage in enumerate(model.stages):
@@ -311,6 +322,15 @@ def gather_full(local: torch.Tensor, dim: int, index: torch.Tensor, group) -> to
     return out
 
 
+@torch.no_grad()
+def copy_dp_shard_(dst: DTensor, full: torch.Tensor) -> None:
+    """Write into FSDP2's ``dst`` (a dp shard) this rank's part of ``full``, the whole tensor it shards."""
+    from torch.distributed.tensor import distribute_tensor
+
+    mine = distribute_tensor(full, dst.device_mesh, dst.placements, src_data_rank=None)  # local cut, no comm
+    dst.to_local().copy_(mine.to_local())
+
+
 def local_slice(full: torch.Tensor, spec: ShardSpec, name: str) -> torch.Tensor:
     """This rank's share of a full tensor of parameter ``name`` (unchanged if it is replicated)."""
     if name not in spec:
@@ -320,14 +340,23 @@ def local_slice(full: torch.Tensor, spec: ShardSpec, name: str) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- gradient norm
+def _dp_rows(grad: DTensor) -> tuple[torch.Tensor, int]:
+    """The local rows of an FSDP2 gradient (``Shard(0)`` over the dp mesh) and the index of the first one:
+    FSDP2 cuts dim 0 as ``torch.chunk`` does (ceil(n / dp) rows a rank, the last ones short or empty)."""
+    assert tuple(grad.placements) == (Shard(0),), f"not an FSDP2 dim-0 shard: {grad.placements}"
+    per_rank = -(-grad.shape[0] // grad.device_mesh.size())
+    return grad.to_local(), min(grad.device_mesh.get_local_rank() * per_rank, grad.shape[0])
+
+
 @torch.no_grad()
-def clip_grad_norm_(model: TransformerLM, max_norm: float | None) -> float:
+def clip_grad_norm_(model: TransformerLM, max_norm: float | None, dp_group=None) -> float:
     """Global L2 norm of the gradients of a sharded model, the same on every rank; clips when ``max_norm`` is set.
 
     ``torch.nn.utils.clip_grad_norm_`` on a shard sees only this rank's lanes/shards, so each lane rank would
     clip by a different factor and the replicas would drift apart. Here replicated parameters count once,
     sharded ones are summed over the lane group (each replicated KV head once), in one all-reduce. Call it
-    after the data-parallel gradient average (dp replicas then hold equal gradients).
+    after the data-parallel gradient average (dp replicas then hold equal gradients). ``dp_group``: the
+    gradients are FSDP2 dp shards (DTensors); their squares are summed over that group first.
     """
     spec: ShardSpec = getattr(model, "shard_spec", None) or {}
     copies: Copies = getattr(model, "shard_copies", None) or {}
@@ -339,16 +368,24 @@ def clip_grad_norm_(model: TransformerLM, max_norm: float | None) -> float:
     replicated = torch.zeros((), dtype=torch.float64, device=device)
     sharded = torch.zeros((), dtype=torch.float64, device=device)
     for name, g in grads.items():
+        g, first_row = _dp_rows(g) if isinstance(g, DTensor) else (g, 0)
         sq = g.detach().double().pow(2)
         if name not in spec:
             replicated += sq.sum()
         elif name in copies:
             dim = spec[name][0]
+            per_index = copies[name].to(device=device, dtype=sq.dtype)
+            if dim == 0:  # FSDP2 holds rows [first_row, first_row + n) of this lane rank's shard
+                per_index = per_index[first_row : first_row + sq.shape[0]]
             shape = [1] * sq.dim()
             shape[dim] = -1
-            sharded += (sq / copies[name].to(device=device, dtype=sq.dtype).view(shape)).sum()
+            sharded += (sq / per_index.view(shape)).sum()
         else:
             sharded += sq.sum()
+    if dp_group is not None:
+        both = torch.stack([replicated, sharded])
+        dist.all_reduce(both, group=dp_group)
+        replicated, sharded = both[0], both[1]
     if spec and getattr(comm, "distributed", False):
         dist.all_reduce(sharded, group=comm.group)
     total = float((replicated + sharded).sqrt())

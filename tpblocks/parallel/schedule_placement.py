@@ -44,6 +44,7 @@ from ..models.tp_block import TPBlock
 from .placement import (
     Copies,
     ShardSpec,
+    _lane_grad_hook,
     _lane_index,
     _live_comm,
     _shard_classic,
@@ -121,7 +122,8 @@ def shard_dtp_head(model: TransformerLM, rank: int, world: int, spec: ShardSpec)
         model.norm.weight = _take(model.norm.weight, 0, lanes)
         spec["norm.weight"] = (0, lanes)
     elif not cfg.pre_norm_lane_agg:  # one norm every lane applies: each rank's gradient covers only its lanes
-        model.norm.weight.register_hook(_sum_grad_hook(weakref.ref(model), "shared_norm_grad"))
+        model_ref = weakref.ref(model)
+        _lane_grad_hook(model_ref, "norm.weight", model.norm.weight, _sum_grad_hook(model_ref, "shared_norm_grad"))
     if cfg.lm_head_type == "replicate":
         return
     h, rows_per_lane = cfg.hidden_size, cfg.vocab_size // cfg.lane_count

@@ -1,4 +1,4 @@
-"""Data-parallel backends for the trainer: plain/DDP and DeepSpeed ZeRO-1/2, behind one small interface.
+"""The trainer's backends: the torch step (trainer=ddp / fsdp) and DeepSpeed ZeRO-1/2, behind one small interface.
 
 ``dist_env`` starts the process group through ``tpblocks.parallel.init_distributed`` (the one reader of the
 torchrun / Slurm environment); without a launcher the run is a single process and no process group is created
@@ -10,10 +10,10 @@ A backend owns the forward/backward of one micro-batch and the optimizer update;
     check the (rank-averaged) loss is finite        # before any update: a NaN never reaches the weights
     grad_norm = backend.update()                    # clip + optimizer step + zero grads; the norm it clipped by
 
-``Layout`` says how the ranks share the work (``layout_for``): ``ddp`` = every rank a data-parallel replica;
-``lane`` = (dp, lane) mesh, the model sharded over the lane axis, gradients averaged over the dp group only;
-``mgrit`` = layer-parallel MGRIT over all ranks, every rank reads the same batch and already holds the full
-gradient (no averaging). ``data_rank`` / ``data_world`` are the coordinates the data loader uses.
+How the ranks share the work (the layout: ``tpblocks.parallel.ParallelDims``) and how gradients are synchronised
+for it (DDP, lane groups, MGRIT, FSDP2) is ``tpblocks.parallel.parallelize``'s business; the torch backend only
+runs the step over what it returns. Only DeepSpeed, whose engine owns the model, the optimizer and their
+checkpoint, is a backend of its own.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from tpblocks.config import RunConfig
+from tpblocks.config import RunConfig, TrainConfig
+from tpblocks.parallel.parallelize import Parallelized
 
 
 @dataclass(frozen=True)
@@ -109,121 +110,70 @@ def compute_loss(logits_bsv: torch.Tensor, targets_bs: torch.Tensor) -> torch.Te
     return F.cross_entropy(logits_bsv.float().flatten(0, 1), targets_bs.flatten())
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 for ``precision=bf16`` (or ``auto`` on CUDA); None means plain fp32."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
+def autocast_dtype(train: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 when the run computes in it (``TrainConfig.bf16_on``); None means plain fp32."""
+    return torch.bfloat16 if train.bf16_on(device.type) else None
 
 
-@dataclass(frozen=True)
-class Layout:
-    """How the ranks split the work: see the module docstring."""
+class TorchBackend:
+    """trainer=ddp / trainer=fsdp: the model as ``tpblocks.parallel.parallelize`` placed it (DDP, lane groups,
+    MGRIT or FSDP2: its ``Parallelized`` says how gradients are synchronised and clipped); bf16 through autocast,
+    fp32 master weights."""
 
-    mode: str  # "ddp" | "lane" | "mgrit"
-    data_rank: int
-    data_world: int
-    dp: int = 1
-    lane: int = 1
-    dp_group: Any = None  # process group of this rank's data-parallel replicas (lane mode, dp > 1)
-    mesh: Any = None  # DeviceMesh ("dp", "lane") in lane mode
-
-
-def layout_for(cfg: RunConfig, env: DistEnv) -> Layout:
-    """The layout of this run on this rank (builds the device mesh in lane mode: a collective)."""
-    if cfg.layer_parallel.enabled:
-        return Layout(mode="mgrit", data_rank=0, data_world=1)
-    if cfg.parallel.lane == 1:
-        return Layout(mode="ddp", data_rank=env.rank, data_world=env.world, dp=env.world)
-    from tpblocks.parallel import ParallelDims
-
-    dp, lane = cfg.parallel.dims(env.world)
-    dims = ParallelDims(dp=dp, lane=lane, world_size=env.world)
-    dp_rank, _ = dims.coords(env.rank)
-    mesh = dims.build_mesh(env.device.type)
-    return Layout(
-        mode="lane", data_rank=dp_rank, data_world=dp, dp=dp, lane=lane, dp_group=mesh.get_group("dp"), mesh=mesh
-    )
-
-
-class DDPBackend:
-    """torch DDP (identity for one process); bf16 through autocast, fp32 master weights.
-
-    Lane mode: the sharded model is not wrapped; after the last micro-batch the gradients are averaged over the
-    dp group (every lane rank of it holds the same shards) and clipped by the global norm of the sharded model.
-    MGRIT mode: not wrapped and not averaged (the MGRIT stack all-reduces the layer gradients itself)."""
-
-    name = "ddp"
-
-    def __init__(
-        self,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        cfg: RunConfig,
-        env: DistEnv,
-        accum: int,
-        layout: Layout | None = None,
-    ):
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        self.module, self.optimizer, self.env, self.accum = model, optimizer, env, accum
-        self.layout = layout or Layout(mode="ddp", data_rank=env.rank, data_world=env.world, dp=env.world)
+    def __init__(self, par: Parallelized, optimizer: torch.optim.Optimizer, cfg: RunConfig, env: DistEnv, accum: int):
+        self.par, self.optimizer, self.env, self.accum = par, optimizer, env, accum
         self.grad_clip = cfg.optim.grad_clip
-        self.dtype = autocast_dtype(cfg.train.precision, env.device)
-        ids = [env.device.index] if env.device.type == "cuda" else None
-        self.is_ddp = env.distributed and self.layout.mode == "ddp"
-        self.wrapped = DDP(model, device_ids=ids) if self.is_ddp else model
-
-    def autocast(self):
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.env.device.type, dtype=self.dtype)
+        self.dtype = autocast_dtype(cfg.train, env.device)
 
     def forward_backward(self, inputs_bs: torch.Tensor, targets_bs: torch.Tensor, last: bool) -> torch.Tensor:
-        # Gradients are all-reduced only on the last micro-batch (no_sync elsewhere): one sync per update.
-        sync = contextlib.nullcontext() if (last or not self.is_ddp) else self.wrapped.no_sync()
-        with sync:
-            with self.autocast():
-                logits = self.wrapped(inputs_bs)
+        with self.par.micro_batch(last):
+            with autocast(self.dtype, self.env.device):
+                logits = self.par.forward(inputs_bs)
             loss = compute_loss(logits, targets_bs)
             (loss / self.accum).backward()
-        if last and self.layout.mode == "lane" and self.layout.dp > 1:
-            from tpblocks.parallel import all_reduce_gradients
-
-            all_reduce_gradients(self.module, self.layout.dp_group)  # same shards on every rank of the dp group
+        if last:
+            self.par.sync_grads()
         return loss.detach()
 
     def update(self) -> float:
         """Clip to ``optim.grad_clip`` by the global norm, step, zero the gradients; returns that norm. A
         non-finite norm raises ``NonFiniteGradNorm`` before the step."""
-        norm = self._clip_grad()
+        norm = self.par.clip_grad_norm_(self.grad_clip)
         if not math.isfinite(norm):
             raise NonFiniteGradNorm(norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
-    def _clip_grad(self) -> float:
-        if self.layout.mode == "lane":
-            from tpblocks.parallel import clip_grad_norm_
-
-            # The global norm over all lanes / shards, the same on every rank (a per-shard norm would clip each
-            # lane rank by a different factor).
-            return clip_grad_norm_(self.module, self.grad_clip if self.grad_clip > 0 else None)
-        params = [p for p in self.module.parameters() if p.grad is not None]
-        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-
     @property
     def checkpointed_optimizer(self) -> torch.optim.Optimizer:
         """The optimizer whose state goes into the checkpoint's dcp/ (tpblocks/train/sharded_state.py)."""
         return self.optimizer
+
+    def check_resume(self, state: dict, path: Path) -> None:
+        """dcp/ holds the weights and optimizer state of any ddp / fsdp layout; it cannot read DeepSpeed's."""
+        if state["backend"] == "deepspeed":
+            raise ValueError(_other_backend(path, state["backend"]))
 
     def save_extra(self, tmp: Path) -> None:  # everything is in dcp/ and trainer.pt
         pass
 
     def load_extra(self, ckpt: Path) -> None:
         pass
+
+
+def autocast(dtype: torch.dtype | None, device: torch.device):
+    """The autocast context of ``autocast_dtype``'s answer (none for fp32)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _other_backend(path: Path, written_by: str) -> str:
+    return (
+        f"checkpoint {path} was written by trainer={written_by}, whose optimizer state this backend cannot read; "
+        f"resume it with trainer={written_by}"
+    )
 
 
 def import_deepspeed():
@@ -257,7 +207,7 @@ class DeepSpeedBackend:
             os.environ.setdefault("LOCAL_RANK", "0")
             dist.init_process_group(backend="nccl" if env.device.type == "cuda" else "gloo")
         self.module, self.optimizer, self.env = model, optimizer, env
-        bf16 = autocast_dtype(cfg.train.precision, env.device) is not None
+        bf16 = cfg.train.bf16_on(env.device.type)
         ds_config = {
             "train_micro_batch_size_per_gpu": cfg.train.micro_batch,
             "gradient_accumulation_steps": accum,
@@ -286,6 +236,16 @@ class DeepSpeedBackend:
 
     checkpointed_optimizer = None  # ZeRO-partitioned: the engine writes it (save_extra)
 
+    def check_resume(self, state: dict, path: Path) -> None:
+        """The engine's optimizer partitions are its own files, one per rank."""
+        if state["world_size"] != self.env.world:
+            raise ValueError(
+                f"checkpoint {path} was written by {state['world_size']} rank(s) but this run has {self.env.world}; "
+                f"ZeRO optimizer partitions are per rank: resume trainer=deepspeed with the same number of ranks"
+            )
+        if state["backend"] != "deepspeed":
+            raise ValueError(_other_backend(path, state["backend"]))
+
     def load_extra(self, ckpt: Path) -> None:
         self.engine.load_checkpoint(
             str(ckpt / "deepspeed"), tag=self.tag, load_optimizer_states=True, load_lr_scheduler_states=False
@@ -309,16 +269,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def build_backend(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    cfg: RunConfig,
-    env: DistEnv,
-    accum: int,
-    layout: Layout | None = None,
-):
+def build_backend(par: Parallelized, optimizer: torch.optim.Optimizer, cfg: RunConfig, env: DistEnv, accum: int):
+    """The DeepSpeed engine around the placed model, or the torch step over it (ddp / fsdp)."""
     if cfg.trainer.backend == "deepspeed":
-        if layout is not None and layout.mode != "ddp":  # RunConfig refuses these; a guard for direct callers
-            raise ValueError(f"trainer=deepspeed does not support the {layout.mode!r} layout; use trainer=ddp")
-        return DeepSpeedBackend(model, optimizer, cfg, env, accum)
-    return DDPBackend(model, optimizer, cfg, env, accum, layout)
+        if par.dims.mode != "ddp":  # RunConfig refuses these; a guard for direct callers
+            raise ValueError(f"trainer=deepspeed does not support the {par.dims.mode!r} layout; use trainer=ddp")
+        return DeepSpeedBackend(par.module, optimizer, cfg, env, accum)
+    return TorchBackend(par, optimizer, cfg, env, accum)

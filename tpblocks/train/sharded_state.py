@@ -11,6 +11,10 @@ writes its own slice and DCP writes every replicated piece once. A replicated-KV
 hold, ``model.shard_copies``) is no even chunk of the full tensor, so it is gathered over the lane group and saved
 whole (these are the small K/V projections of GQA layers with fewer KV heads than lane ranks).
 
+Under FSDP2 (``trainer=fsdp``) a parameter is a DTensor, ``Shard(0)`` over the dp mesh: a replicated one goes in as
+it is (DCP writes each dp shard once); a lane-sharded one is gathered over dp into this lane rank's shard, which then
+goes in as above. So an fsdp checkpoint holds the same keys and full shapes as a ddp one, and either resumes the other.
+
 Loading builds the same keys for *this* run's layout and DCP reads the pieces each target overlaps. So a checkpoint
 written with ``parallel.lane=2`` loads with ``lane=1`` on one rank, with dp 2 on two ranks, and back; no rank ever
 holds more than its own share (except the gathered replicated-KV tensors).
@@ -30,7 +34,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from tpblocks.parallel.placement import gather_full, local_slice
+from tpblocks.parallel.placement import copy_dp_shard_, gather_full, local_slice
 
 MODEL, OPTIM = "model.", "optim."
 
@@ -78,6 +82,8 @@ class ShardMap:
         """What DCP writes for parameter ``name`` (or a tensor shaped like it): whole, a DTensor, or gathered."""
         if name not in self.spec:
             return local
+        if isinstance(local, DTensor):  # FSDP2's dp shard of this lane rank's shard
+            local = local.full_tensor()
         dim, index = self.spec[name]
         if name in self.copies:
             return gather_full(local, dim, index, self.mesh.get_group("lane"))
@@ -88,13 +94,21 @@ class ShardMap:
         if name not in self.spec:
             return local
         if name in self.copies:
-            return local.new_empty(full_shape)  # copied into ``local`` by ``settle`` after the read
+            return torch.empty(full_shape, dtype=local.dtype, device=local.device)  # ``settle`` copies it in
+        if isinstance(local, DTensor):  # FSDP2: read this lane rank's shard whole, ``settle`` keeps the dp part
+            local = torch.empty(local.shape, dtype=local.dtype, device=local.device)
         return _as_dtensor(local, *self.spec[name], self.mesh)
 
     @torch.no_grad()
     def settle(self, name: str, local: torch.Tensor, loaded: torch.Tensor) -> None:
-        if name in self.copies:
-            local.copy_(local_slice(loaded, self.spec, name))
+        """After the read: put what ``to_load`` did not read in place into ``local``."""
+        if name not in self.spec:
+            return
+        lane_shard = local_slice(loaded, self.spec, name) if name in self.copies else loaded.to_local()
+        if isinstance(local, DTensor):
+            copy_dp_shard_(local, lane_shard)
+        elif name in self.copies:
+            local.copy_(lane_shard)
 
 
 # ---------------------------------------------------------------------------------------------- state dicts

@@ -6,9 +6,10 @@ on each of ``world`` ranks. Rank r reads its own share of the deterministic toke
 one rank with accumulation 2 and two ranks with accumulation 1 see the same tokens per step and give the same
 losses up to float re-association (tests/test_train_distributed.py).
 
-Parallel layouts (``tpblocks.train.distributed.Layout``): ``parallel.lane=G`` shards the model over G ranks
-(tpblocks.parallel.shard_model, after every rank built the same full model from the seed) and data-parallelises
-the rest; all G lane ranks of a replica read the same batch. Checkpoints are sharded through
+Parallel layouts (``tpblocks.parallel.ParallelDims``, applied by ``tpblocks.parallel.parallelize`` after every rank
+built the same full model from the seed): ``parallel.lane=G`` shards the model over G ranks and data-parallelises
+the rest (DDP-style all-reduce, or FSDP2 with ``trainer=fsdp``); all G lane ranks of a replica read the same batch.
+Checkpoints are sharded through
 torch.distributed.checkpoint under the full model's tensor names (tpblocks/train/sharded_state.py): each rank
 writes its shard, and a run resumes under any lane degree and world size. ``layer_parallel.enabled=true`` runs
 the layer stack by MGRIT over all ranks (tpblocks.parallel.mgrit): every rank reads the same batch, gradients are
@@ -34,15 +35,17 @@ import torch
 
 from tpblocks.config import RunConfig
 from tpblocks.models import build_model, total_parameters
+from tpblocks.parallel import ParallelDims
+from tpblocks.parallel.parallelize import Parallelized, parallel_dims, parallelize
 
 from . import checkpoint as ckpt_io
 from . import sharded_state
 from .cpu_allocator import retain_freed_memory
 from .distributed import (
     DistEnv,
-    Layout,
     NonFiniteGradNorm,
     all_reduce_sum,
+    autocast,
     autocast_dtype,
     barrier,
     broadcast_object,
@@ -50,7 +53,6 @@ from .distributed import (
     compute_loss,
     dist_env,
     gather_objects,
-    layout_for,
 )
 from .faults import Heartbeat, die_with_parent, is_timeout
 from .metrics import MetricsWriter, init_wandb, write_json
@@ -85,8 +87,9 @@ class Trainer:
         self.prior_elapsed = 0.0
         self.last_train_loss: float | None = None
         self.last_eval_loss: float | None = None
-        self.layout: Layout | None = None
-        self.lp = None  # tpblocks.parallel.mgrit.LayerParallel when layer_parallel.enabled
+        self.dims: ParallelDims | None = None
+        self.par: Parallelized | None = None  # the placed model (tpblocks.parallel.parallelize)
+        self.eval_rounds = 0  # held-out forwards per evaluation on every rank (the most any rank has)
         self.pending_save: tuple[Any, int] | None = None  # (Future, step) of an async checkpoint not yet published
         self.save_group = None  # process group of the async checkpoint writes (apart from the training ones)
 
@@ -109,7 +112,8 @@ class Trainer:
         from tpblocks.data import TokenLoader, heldout_batches, prepare_data
 
         cfg, env = self.cfg, self.env
-        self.layout = layout = layout_for(cfg, env)  # the data coordinates: dp rank / dp size (lane, mgrit modes)
+        self.dims = dims = parallel_dims(cfg, env.world, env.device.type)
+        data_rank, data_world = dims.data_rank(env.rank), dims.data_world  # all lane ranks of a replica: one batch
         # Local rank 0 of each node prepares (tokenizer training, shard writing) into the cache; the other ranks
         # wait for its files (prepare_data polls up to data.prepare_timeout_s, longer than a barrier's timeout).
         prepared = prepare_data(cfg.data, rank=env.local_rank, world=env.world)
@@ -124,61 +128,44 @@ class Trainer:
             prepared,
             cfg.seq_len,
             cfg.train.micro_batch,
-            layout.data_rank,
-            layout.data_world,
+            data_rank,
+            data_world,
             cfg.data.seed,
             shuffle=cfg.data.shuffle,
         )
         self.heldout = []
         if cfg.train.eval_every:
             self.heldout = heldout_batches(
-                prepared, cfg.seq_len, cfg.train.eval_batch, cfg.train.eval_tokens, layout.data_rank, layout.data_world
+                prepared, cfg.seq_len, cfg.train.eval_batch, cfg.train.eval_tokens, data_rank, data_world
             )
-            (n_batches,) = all_reduce_sum([len(self.heldout)], env.device)
-            if n_batches == 0:
+            counts = gather_objects(len(self.heldout))
+            # A forward may be collective over dp (FSDP2 gathers each stage): every rank runs as many as the most.
+            self.eval_rounds = max(counts)
+            if sum(counts) == 0:
                 raise ValueError(
                     "the held-out set is empty (data.heldout_tokens=0?); set data.heldout_tokens > 0 or "
                     "train.eval_every=0 to train without evaluation"
                 )
 
     def _setup_model(self) -> None:
-        cfg, env, layout = self.cfg, self.env, self.layout
-        self.accum = cfg.train.grad_accumulation(cfg.seq_len, layout.data_world)
+        cfg, env, dims = self.cfg, self.env, self.dims
+        self.accum = cfg.train.grad_accumulation(cfg.seq_len, dims.data_world)
         seed_everything(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's weights)
-        model = build_model(cfg.model).to(env.device)
-        if layout.mode == "lane":  # every rank built the same full model above; keep this rank's lanes / shards
-            from tpblocks.parallel import MeshComm, shard_model
-
-            model = shard_model(model, MeshComm(layout.mesh))
-        elif layout.mode == "mgrit":  # after build_model, before the backend and torch.compile
-            from tpblocks.parallel.mgrit import apply_layer_parallel
-
-            self.lp = apply_layer_parallel(model, cfg.layer_parallel, None)
-        self.model = model
-        self.optimizer = build_optimizer(model, cfg.optim)  # after sharding: the optimizer holds the local shards
+        self.par = par = parallelize(build_model(cfg.model).to(env.device), dims, cfg, env.device)
+        self.model = par.module
+        self.optimizer = build_optimizer(self.model, cfg.optim)  # after placement: it holds this rank's shards
         self.scheduler = build_scheduler(self.optimizer, cfg.scheduler, cfg.train.max_steps)
-        self.backend = build_backend(model, self.optimizer, cfg, env, self.accum, layout)
-        if cfg.train.compile and self.backend.name == "ddp":
-            self.backend.wrapped = torch.compile(self.backend.wrapped)
-        elif cfg.train.compile:
-            _say(env, "train.compile is ignored with trainer=deepspeed (set DeepSpeed's own compile options instead)")
+        self.backend = build_backend(par, self.optimizer, cfg, env, self.accum)
         _say(
             env,
             f"model {cfg.flavor} ({cfg.model.arch}): {total_parameters(cfg.model):,} parameters | "
-            f"data ranks {layout.data_world} x micro_batch {cfg.train.micro_batch} x seq_len {cfg.seq_len} "
+            f"data ranks {dims.data_world} x micro_batch {cfg.train.micro_batch} x seq_len {cfg.seq_len} "
             f"x accum {self.accum} = "
             f"{cfg.train.tokens_per_step:,} tokens/step | backend {cfg.trainer.backend} on {env.device}"
             + (" | CPU allocator retains freed memory" if self.cpu_memory_retained else ""),
         )
-        if layout.mode == "lane":
-            _say(env, f"lane parallel: dp {layout.dp} x lane {layout.lane} (micro-batches counted per dp replica)")
-        elif layout.mode == "mgrit":
-            lp = cfg.layer_parallel
-            _say(
-                env,
-                f"layer parallel (MGRIT) over {env.world} rank(s): levels {lp.levels}, cf {lp.cf}, iters {lp.iters}, "
-                f"relax {lp.relax}; every rank reads the same batch",
-            )
+        for note in par.notes:
+            _say(env, note)
 
     def _maybe_resume(self) -> None:
         cfg, env = self.cfg, self.env
@@ -190,21 +177,14 @@ class Trainer:
             return
         path = Path(path)
         state = ckpt_io.load_trainer_state(path)
-        if state["world_size"] != env.world and cfg.trainer.backend == "deepspeed":
-            raise ValueError(
-                f"checkpoint {path} was written by {state['world_size']} rank(s) but this run has {env.world}; "
-                f"ZeRO optimizer partitions are per rank: resume trainer=deepspeed with the same number of ranks"
-            )
-        if state["backend"] != cfg.trainer.backend:
-            raise ValueError(f"checkpoint {path} was written by trainer={state['backend']}, whose optimizer state "
-                             f"this backend cannot read; resume it with trainer={state['backend']}")  # fmt: skip
+        self.backend.check_resume(state, path)
         _check_same_model(state["model_config"], cfg.model, path)
         optimizer = self.backend.checkpointed_optimizer
         shards = path / ckpt_io.SHARDS
-        sharded_state.load(self.model, optimizer, state["optimizer_groups"], self.layout.mesh, shards)
+        sharded_state.load(self.model, optimizer, state["optimizer_groups"], self.par.mesh, shards)
         self.backend.load_extra(path)
-        if (state["lane"], state["world_size"]) != (self.layout.lane, env.world):
-            _say(env, f"resume: parallel.lane {state['lane']} -> {self.layout.lane}, world size "
+        if (state["lane"], state["world_size"]) != (self.dims.lane, env.world):
+            _say(env, f"resume: parallel.lane {state['lane']} -> {self.dims.lane}, world size "
                       f"{state['world_size']} -> {env.world} (resharded)")  # fmt: skip
         horizon = load_scheduler_state(self.scheduler, state["scheduler"], cfg.train.max_steps)
         if horizon != cfg.train.max_steps:
@@ -219,36 +199,32 @@ class Trainer:
         self.prior_elapsed = float(state["elapsed_s"])
         self.last_train_loss = state.get("train_loss")
         self.last_eval_loss = state.get("eval_loss")
-        self._resume_layer_parallel(state.get("layer_parallel"), path)
+        note = self.par.load_extra_state(state.get("layer_parallel"))
+        if note is not None:
+            _say(env, f"resume from {path}: {note}")
         self.resumed_from = path
         _say(env, f"resumed from {path} (step {self.step})")
-
-    def _resume_layer_parallel(self, saved: dict | None, path: Path) -> None:
-        if self.lp is not None and saved is not None:
-            self.lp.load_state_dict(saved)
-            s = self.lp.monitor.state
-            _say(self.env, f"MGRIT monitor restored from {path}: forward {s.fwd_iters} / adjoint {s.bwd_iters} "
-                           f"iterations{', serial' if s.serial else ''}")  # fmt: skip
-        elif self.lp is not None:
-            _say(self.env, f"{path} holds no MGRIT monitor state (written without layer_parallel): the monitor "
-                           f"starts from layer_parallel's configured iterations")  # fmt: skip
 
     # ------------------------------------------------------------------ pieces of a step
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean held-out loss over all ranks' batches (token-weighted)."""
         self.model.eval()
-        dtype = autocast_dtype(self.cfg.train.precision, self.env.device)
         total, count = 0.0, 0.0
         for inputs, targets in self.heldout:
-            inputs, targets = inputs.to(self.env.device), targets.to(self.env.device)
-            with torch.autocast(self.env.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                logits = self.model(inputs)
+            logits = self._logits(inputs)
+            targets = targets.to(self.env.device)
             total += float(compute_loss(logits, targets)) * targets.numel()
             count += targets.numel()
+        for _ in range(self.eval_rounds - len(self.heldout)):  # this rank's share is smaller: keep pace, count none
+            self._logits(torch.zeros(1, self.cfg.seq_len, dtype=torch.long))
         self.model.train()
         total, count = all_reduce_sum([total, count], self.env.device)
         return total / count
+
+    def _logits(self, inputs_bs: torch.Tensor) -> torch.Tensor:
+        with autocast(autocast_dtype(self.cfg.train, self.env.device), self.env.device):
+            return self.model(inputs_bs.to(self.env.device))
 
     def save_checkpoint(self) -> None:
         """Every rank writes its shard into a temp directory, rank 0 the trainer state; published (renamed) when
@@ -268,14 +244,14 @@ class Trainer:
 
             self.save_group = dist.new_group(backend="gloo")  # the write thread's collectives stay off the step's
         future = sharded_state.save(
-            self.model, optimizer, self.layout.mesh, tmp / ckpt_io.SHARDS, self.save_group, asynchronous
+            self.model, optimizer, self.par.mesh, tmp / ckpt_io.SHARDS, self.save_group, asynchronous
         )
         if env.is_main:
             state = {
                 "step": self.step,
                 "model_config": cfg.model.to_dict(),
                 "backend": cfg.trainer.backend,
-                "lane": self.layout.lane,
+                "lane": self.dims.lane,
                 "optimizer_groups": sharded_state.optimizer_groups(optimizer),
                 "scheduler": self.scheduler.state_dict(),
                 "rng": rngs,
@@ -285,8 +261,7 @@ class Trainer:
                 "elapsed_s": self.elapsed(),
                 "train_loss": self.last_train_loss,
                 "eval_loss": self.last_eval_loss,
-                # MGRIT monitor decisions (rank 0's: every rank applied the same broadcast ones)
-                "layer_parallel": self.lp.state_dict() if self.lp is not None else None,
+                "layer_parallel": self.par.extra_state(),  # MGRIT monitor decisions
             }
             ckpt_io.write_trainer_state(tmp, state)
         self.pending_save = (future, self.step)
@@ -318,15 +293,13 @@ class Trainer:
             inputs, targets = self.loader.next_batch()
             inputs, targets = inputs.to(env.device), targets.to(env.device)
             losses.append(self.backend.forward_backward(inputs, targets, last=j == self.accum - 1))
-        lp_metrics: dict = {}
         local = float(torch.stack(losses).float().mean())
         (loss_sum,) = all_reduce_sum([local], env.device)
         train_loss = loss_sum / env.world
         step = self.step + 1
         if not math.isfinite(train_loss):
             raise TrainingDiverged(f"train loss is {train_loss} at step {step}")
-        if self.lp is not None and self.lp.enabled:
-            lp_metrics = self._layer_parallel_step(step, train_loss, inputs, targets)
+        lp_metrics = self.par.step_end(step, train_loss, lambda: compute_loss(self._logits(inputs), targets))
         lr = self.scheduler.get_last_lr()[0]  # the lr this update uses
         try:
             grad_norm = self.backend.update()
@@ -351,21 +324,6 @@ class Trainer:
             "grad_norm": grad_norm,
             **lp_metrics,
         }
-
-    def _layer_parallel_step(self, step: int, train_loss: float, inputs_bs, targets_bs) -> dict:
-        """MGRIT monitor: optionally the true gradient error on the last micro-batch, then the per-step decision
-        (collective: every rank calls it). Returns the ``lp/*`` metrics."""
-        lp = self.lp
-        if lp.should_check(step):
-            backend = self.backend
-
-            def closure():
-                with backend.autocast():
-                    logits = self.model(inputs_bs)
-                return compute_loss(logits, targets_bs)
-
-            lp.measure_grad_error(closure)
-        return lp.step_end(step, train_loss)
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
@@ -483,7 +441,7 @@ class Trainer:
             "world_size": self.env.world,
             "backend": self.cfg.trainer.backend,
             "seed": self.cfg.seed,
-            "parallel": {"dp": self.layout.dp, "lane": self.layout.lane} if self.layout else None,
+            "parallel": {"dp": self.dims.dp, "lane": self.dims.lane} if self.dims else None,
             "layer_parallel": self.cfg.layer_parallel.enabled,
         }
 
