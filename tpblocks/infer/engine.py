@@ -98,9 +98,8 @@ class DecodeEngine:
     time decode steps save its compile). ``freeze`` (default: on when compiling on CPU) compiles with inductor's
     ``freezing``, its CPU inference path: the weights are folded into the graph as constants and the linears
     prepacked for MKL, which reads a (v, h) head about twice as fast as the plain matvec (docs/decode.md). The
-    frozen graph keeps its own copy of those weights: changing the model's weights after the first step is not
-    seen by a frozen engine, and the packed copies take memory beside the model's. Every rank of a lane group builds the same engine and calls it
-    with the same arguments.
+    frozen graph holds those weights as constants: changing the model's weights after the first step is not seen
+    by a frozen engine. Every rank of a lane group builds the same engine and calls it with the same arguments.
     """
 
     def __init__(
