@@ -152,6 +152,30 @@ def test_dp_by_lane_mesh_on_four_ranks_equals_one_process(trainer, tiny_data, tm
     _assert_same_weights(ckpt_io.latest_checkpoint(mesh_dir), ckpt_io.latest_checkpoint(one_dir))
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.timeout(600)
+def test_vocab_parallel_head_trains_like_the_full_head(tiny_data, tmp_path, one_thread):
+    """parallel.vocab_parallel_head=true: each lane rank keeps V/2 head rows and the loss is the vocabulary-parallel
+    cross-entropy; the curve and the consolidated weights equal the one-process run's (untied head)."""
+    extra = {**EXTRA, "+model.overrides.tie_embeddings": False}
+    vp_dir, one_dir = tmp_path / "vp", tmp_path / "one"
+    overrides = tiny_overrides(tiny_data, vp_dir, **extra, **{"parallel.lane": 2, "parallel.vocab_parallel_head": True})
+    proc = launch(overrides, nproc=2)
+    assert proc.returncode == 0, _why(proc)
+    assert "vocabulary-parallel head:" in proc.stderr
+    run(compose(tiny_overrides(tiny_data, one_dir, **extra)))
+    _assert_same_curve(read_metrics(vp_dir), read_metrics(one_dir), tol=2e-5)
+    _assert_same_weights(ckpt_io.latest_checkpoint(vp_dir), ckpt_io.latest_checkpoint(one_dir))
+
+
+def test_vocab_parallel_head_refuses_a_tied_head(tiny_data, tmp_path):
+    overrides = tiny_overrides(tiny_data, tmp_path / "run", **{"parallel.lane": 2, "parallel.vocab_parallel_head": True,
+                                                                "+model.overrides.tie_embeddings": True})  # fmt: skip
+    with pytest.raises(ValueError, match="tie_embeddings=true"):
+        compose(overrides)
+
+
 def test_lane_degree_must_divide_the_world(tiny_data, tmp_path):
     with pytest.raises(ValueError, match=r"parallel.lane=2 does not divide the world size 1"):
         run(compose(tiny_overrides(tiny_data, tmp_path / "run", **{"parallel.lane": 2})))

@@ -235,9 +235,15 @@ class WandbConfig:
 class ParallelConfig:
     """Lane (= tensor) parallel degree. ``lane=G`` > 1: each group of G consecutive ranks holds one model, rank g
     keeping lanes [g*L/G, (g+1)*L/G) of every TP block and Megatron shards of classic layers; the world is a
-    (dp, lane) mesh with dp = world / lane data-parallel replicas. ``lane=1``: plain data parallelism."""
+    (dp, lane) mesh with dp = world / lane data-parallel replicas. ``lane=1``: plain data parallelism.
+
+    ``vocab_parallel_head``: with ``lane`` > 1 the output head is also split by vocabulary rows over the lane
+    group (Megatron's vocabulary-parallel head) and trained by ``vocab_parallel_cross_entropy``: two all-reduces
+    of (b, s) numbers instead of every rank computing all V logits. Needs an untied head. With ``lane=1`` there
+    is nothing to split and the head stays whole."""
 
     lane: int = 1
+    vocab_parallel_head: bool = False
 
     def __post_init__(self) -> None:
         check_fields(self, "parallel")
@@ -310,6 +316,8 @@ class RunConfig:
                 check_lane_degree(self.model, lane)
             except ValueError as err:
                 raise ValueError(f"parallel.lane={lane}: {err}") from err
+            if self.parallel.vocab_parallel_head:
+                self._check_vocab_parallel_head(lane)
         if mgrit:
             _require(
                 lane == 1,
@@ -323,6 +331,25 @@ class RunConfig:
                 f"weights on every rank and already gives each the full gradient, there is nothing to shard or "
                 f"average over data-parallel ranks. Use trainer=ddp",
             )
+
+    def _check_vocab_parallel_head(self, lane: int) -> None:
+        m = self.model
+        _require(
+            not m.tie_embeddings,
+            "parallel.vocab_parallel_head=true with model.tie_embeddings=true: the embedding stays whole on every "
+            "rank while the head would be split by vocabulary rows, so they could not stay tied; set "
+            "model.overrides.tie_embeddings=false or parallel.vocab_parallel_head=false",
+        )
+        _require(
+            m.vocab_size % lane == 0,
+            f"parallel.vocab_parallel_head=true: vocab_size={m.vocab_size} is not a multiple of parallel.lane={lane}"
+            f"; every rank holds vocab_size / lane rows (set model.overrides.vocab_size to a multiple of {lane})",
+        )
+        _require(
+            m.arch != "dtp" or m.lm_head_type == "replicate",
+            f"parallel.vocab_parallel_head=true: this DTP model's {m.lm_head_type!r} head is already cut by lanes; "
+            "it applies to lm_head_type=replicate only",
+        )
 
     @property
     def seq_len(self) -> int:

@@ -21,6 +21,7 @@ Shapes: b batch, s prompt length, v vocabulary, n new tokens.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -89,6 +90,22 @@ def _lane_group(model: nn.Module):
     return group if group is not None and getattr(comm, "lane_world", 1) > 1 else None
 
 
+def _frozen(compiled_fn, freeze: bool):
+    """``compiled_fn`` traced and compiled under inductor's ``freezing`` when ``freeze``. A global config patch
+    around each call, not ``torch.compile(options=...)``: Dynamo decides whether parameters become graph constants
+    while tracing (``torch._dynamo.utils.is_parameter_freezing``), before the options reach inductor, so with
+    options alone the weights stay graph inputs and no linear is prepacked."""
+    if not freeze:
+        return compiled_fn
+
+    @functools.wraps(compiled_fn)
+    def call(*args):
+        with torch._inductor.config.patch(freezing=True):
+            return compiled_fn(*args)
+
+    return call
+
+
 class DecodeEngine:
     """Static-cache prefill and (optionally compiled) decode for ``model``; ``generate`` runs the loop.
 
@@ -134,10 +151,9 @@ class DecodeEngine:
         if compile:
             if mode is None and self.device.type == "cuda":
                 mode = "reduce-overhead"
-            options = {"freezing": True} if self.frozen else None  # torch.compile takes a mode or options
-            self._decode = torch.compile(self._decode_step, fullgraph=True, mode=mode, options=options)
+            self._decode = _frozen(torch.compile(self._decode_step, fullgraph=True, mode=mode), self.frozen)
             if compile_prefill:
-                self._prefill = torch.compile(self._prefill_step, fullgraph=True, dynamic=True, options=options)
+                self._prefill = _frozen(torch.compile(self._prefill_step, fullgraph=True, dynamic=True), self.frozen)
 
     # Two functions, not one: Dynamo caches compiled graphs per function, so the decode graph (s = 1) and the
     # dynamic-length prefill graph each have their own cache and neither counts as the other's recompile.

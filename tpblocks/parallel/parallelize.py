@@ -64,6 +64,8 @@ class Parallelized:
     _micro_batch: Callable[[bool], AbstractContextManager] = _no_context
     _sync: Callable[[], None] = _nothing
     _clip: Callable[[float | None], float] | None = None
+    # The training loss of ``forward``'s output and the targets; None: the plain cross-entropy of full logits.
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def micro_batch(self, last: bool) -> AbstractContextManager:
         """Context of one micro-batch's forward and backward: gradients are synchronised on the ``last`` only."""
@@ -124,7 +126,8 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: RunConfig, device: to
     par = Parallelized(module=model, forward=model, dims=dims, mesh=None)
     if dims.lane_enabled:
         par.mesh = dims.mesh
-        model = par.module = par.forward = shard_model(model, MeshComm(dims.mesh))
+        vocab_parallel = cfg.parallel.vocab_parallel_head
+        model = par.module = par.forward = shard_model(model, MeshComm(dims.mesh), vocab_parallel_head=vocab_parallel)
         par.notes.append(f"lane parallel: dp {dims.dp} x lane {dims.lane} (micro-batches counted per dp replica)")
     if dims.layer_parallel:
         from .mgrit import apply_layer_parallel
@@ -143,7 +146,19 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: RunConfig, device: to
         par.forward = torch.compile(par.forward)
     elif cfg.train.compile:
         par.notes.append("train.compile is ignored with trainer=deepspeed (set DeepSpeed's own compile options)")
+    if dims.lane_enabled and model.vocab_parallel:  # parallel.vocab_parallel_head, or a DTP vocab_parallel head
+        _train_vocab_parallel(par, model.comm)
     return par
+
+
+def _train_vocab_parallel(par: Parallelized, comm: MeshComm) -> None:
+    """The step takes this rank's logit shard (no all-gather of (b, s, V)) and the vocabulary-parallel loss."""
+    from .vocab_parallel import vocab_parallel_cross_entropy
+
+    forward = par.forward
+    par.forward = lambda tokens_bs: forward(tokens_bs, gather_logits=False)
+    par.loss = lambda logits_bsv, targets_bs: vocab_parallel_cross_entropy(logits_bsv, targets_bs, comm)
+    par.notes.append(f"vocabulary-parallel head: {par.module.output.out_features} rows per lane rank")
 
 
 def _torch_clip(model: nn.Module) -> Callable[[float | None], float]:

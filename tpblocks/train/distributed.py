@@ -129,7 +129,7 @@ class TorchBackend:
         with self.par.micro_batch(last):
             with autocast(self.dtype, self.env.device):
                 logits = self.par.forward(inputs_bs)
-            loss = compute_loss(logits, targets_bs)
+            loss = (self.par.loss or compute_loss)(logits, targets_bs)
             (loss / self.accum).backward()
         if last:
             self.par.sync_grads()
