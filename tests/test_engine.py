@@ -135,6 +135,24 @@ def test_freezing_is_the_cpu_default_and_unfrozen_also_equals_eager():
         DecodeEngine(model, max_seq_len=8, compile=True, mode="max-autotune-no-cudagraphs", freeze=True)
 
 
+@pytest.mark.slow
+def test_frozen_and_unfrozen_engines_of_one_model_keep_their_own_graphs():
+    """Two engines of one model, frozen and not, compile a graph each (Dynamo would otherwise hand the first's to
+    the second); the unfrozen one reads the live weights: scaling the untied head doubles its logits."""
+    torch._dynamo.reset()
+    dynamo_utils.counters.clear()
+    model = _model("debug_llama", tie_embeddings=False)
+    frozen = DecodeEngine(model, max_seq_len=8, compile=True, compile_prefill=False, freeze=True)
+    unfrozen = DecodeEngine(model, max_seq_len=8, compile=True, compile_prefill=False, freeze=False)
+    step = (torch.tensor([[3]]), torch.tensor([0]))
+    frozen.decode(*step)
+    before = unfrozen.decode(*step).clone()
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == 2
+    with torch.no_grad():
+        model.output.weight.mul_(2.0)
+    torch.testing.assert_close(unfrozen.decode(*step), 2.0 * before, rtol=1e-5, atol=1e-5)
+
+
 def _collectives_in_graph(model, prompt) -> int:
     """Functional collectives in the Dynamo graph of one decode step (a backend that only looks)."""
     found: list[int] = []

@@ -115,8 +115,9 @@ class DecodeEngine:
     time decode steps save its compile). ``freeze`` (default: on when compiling on CPU) compiles with inductor's
     ``freezing``, its CPU inference path: the weights are folded into the graph as constants and the linears
     prepacked for MKL, which reads a (v, h) head about twice as fast as the plain matvec (docs/decode.md). The
-    frozen graph holds those weights as constants: changing the model's weights after the first step is not seen
-    by a frozen engine. Every rank of a lane group builds the same engine and calls it with the same arguments.
+    frozen graph holds those weights as constants, some of them transformed copies (the packed linears): do not
+    change the model's weights after a frozen engine's first step (build a new engine). Every rank of a lane
+    group builds the same engine and calls it with the same arguments.
     """
 
     def __init__(
@@ -151,9 +152,11 @@ class DecodeEngine:
         if compile:
             if mode is None and self.device.type == "cuda":
                 mode = "reduce-overhead"
-            self._decode = _frozen(torch.compile(self._decode_step, fullgraph=True, mode=mode), self.frozen)
+            decode, prefill = (self._frozen_decode_step, self._frozen_prefill_step) if self.frozen else (
+                self._decode_step, self._prefill_step)  # fmt: skip
+            self._decode = _frozen(torch.compile(decode, fullgraph=True, mode=mode), self.frozen)
             if compile_prefill:
-                self._prefill = _frozen(torch.compile(self._prefill_step, fullgraph=True, dynamic=True), self.frozen)
+                self._prefill = _frozen(torch.compile(prefill, fullgraph=True, dynamic=True), self.frozen)
 
     # Two functions, not one: Dynamo caches compiled graphs per function, so the decode graph (s = 1) and the
     # dynamic-length prefill graph each have their own cache and neither counts as the other's recompile.
@@ -164,6 +167,15 @@ class DecodeEngine:
 
     def _prefill_step(self, tokens_bs: torch.Tensor, input_pos_s: torch.Tensor) -> torch.Tensor:
         return self.model(tokens_bs, self.cache.at(input_pos_s), gather_logits=not self.vocab_parallel)[:, -1]
+
+    # The frozen steps have code objects of their own. Dynamo keeps its graphs per code object and its guards do
+    # not tell two engines of one model apart, so without them a frozen graph (weights as constants) would serve an
+    # unfrozen engine of the same model, or the reverse (seen: an unfrozen engine ran the packed MKL linears).
+    def _frozen_decode_step(self, tokens_b1: torch.Tensor, input_pos_1: torch.Tensor) -> torch.Tensor:
+        return self._decode_step(tokens_b1, input_pos_1)
+
+    def _frozen_prefill_step(self, tokens_bs: torch.Tensor, input_pos_s: torch.Tensor) -> torch.Tensor:
+        return self._prefill_step(tokens_bs, input_pos_s)
 
     # ------------------------------------------------------------------ the two steps
     @torch.no_grad()
