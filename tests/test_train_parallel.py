@@ -173,7 +173,7 @@ def test_vocab_parallel_head_refuses_a_tied_head(tiny_data, tmp_path):
     overrides = tiny_overrides(tiny_data, tmp_path / "run", **{"parallel.lane": 2, "parallel.vocab_parallel_head": True,
                                                                 "+model.overrides.tie_embeddings": True})  # fmt: skip
     with pytest.raises(ValueError, match="tie_embeddings=true"):
-        compose(overrides)
+        run(compose(overrides))
 
 
 def test_lane_degree_must_divide_the_world(tiny_data, tmp_path):
