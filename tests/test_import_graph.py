@@ -109,3 +109,13 @@ def test_parallel_never_imports_infer():
     graph = import_graph(every_import=True)
     edges = [(m, t) for m, ts in graph.items() if m.startswith("tpblocks.parallel") for t in ts]
     assert edges and not [e for e in edges if e[1].startswith("tpblocks.infer")]
+
+
+def test_no_cycle_among_the_parallel_modules_even_through_lazy_imports():
+    """placement <-> schedule_placement imported each other through an import inside ``shard_model``; now
+    ``sharding`` imports both. The package ``__init__`` is left out (every submodule's package)."""
+    graph = import_graph(every_import=True)
+    parallel = {m: {t for t in ts if t.startswith("tpblocks.parallel.")} for m, ts in graph.items()
+                if m.startswith("tpblocks.parallel.")}  # fmt: skip
+    assert "tpblocks.parallel.placement" in parallel["tpblocks.parallel.sharding"]
+    assert _cycles(parallel) == []

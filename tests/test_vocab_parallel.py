@@ -93,7 +93,7 @@ def test_vocab_parallel_cross_entropy_trains_like_the_full_head():
 
 
 def test_vocab_parallel_head_needs_a_divisible_vocabulary():
-    from tpblocks.parallel.placement import _shard_head
+    from tpblocks.parallel.sharding import _shard_head
 
     model = build_model(get_flavor("debug_llama", vocab_size=255))
     with pytest.raises(ValueError, match="multiple of the lane degree"):

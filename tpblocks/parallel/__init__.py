@@ -13,7 +13,8 @@ from .comm import MeshComm
 from .dims import ParallelDims, check_lane_degree
 from .dist import all_reduce_gradients, destroy_distributed, init_distributed, local_device
 from .parallelize import Parallelized, parallel_dims, parallelize
-from .placement import clip_grad_norm_, kv_heads_for_rank, local_slice, shard_model, unshard_state_dict
+from .placement import clip_grad_norm_, kv_heads_for_rank, local_slice, unshard_state_dict
+from .sharding import shard_model
 from .vocab_parallel import vocab_parallel_cross_entropy
 
 __all__ = [

@@ -37,7 +37,8 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from .comm import MeshComm
 from .dims import ParallelDims
-from .placement import clip_grad_norm_, copy_dp_shard_, shard_model
+from .placement import clip_grad_norm_, copy_dp_shard_
+from .sharding import shard_model
 
 if TYPE_CHECKING:  # tpblocks.config imports tpblocks.parallel: a type here only
     from tpblocks.config import RunConfig

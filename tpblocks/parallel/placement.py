@@ -1,6 +1,7 @@
 """Placement: cut a full single-process model into this rank's share of a lane group (report Fig. 10, Table 2).
 
-``shard_model(model, comm)`` works from outside the pure model code:
+The primitives of ``shard_model(model, comm)`` (``tpblocks/parallel/sharding.py``, which walks the stages and
+calls these, and ``schedule_placement.py``'s for the other schedules), from outside the pure model code:
 
 * TP blocks: the rank keeps lanes ``[r * L/G, (r + 1) * L/G)`` of every block, still stacked on the lane axis
   (one bmm per sub-layer), and sets ``lane_offset`` on the block, its lane layers (Burger's own-slice write)
@@ -40,7 +41,6 @@ from ..models.comm import Communicator
 from ..models.layers import Attention, DecoderLayer, FeedForward
 from ..models.model import TransformerLM
 from ..models.tp_block import TPBlock
-from .dims import check_lane_degree
 
 ShardSpec = dict[str, tuple[int, torch.Tensor]]
 Copies = dict[str, torch.Tensor]  # name -> how many copies of each local index exist in the lane group
@@ -215,70 +215,6 @@ def _tp_enter_hook(model_ref: weakref.ref):
         return (enter(args[0]), *args[1:])
 
     return hook
-
-
-def _shard_head(model: TransformerLM, rank: int, world: int, spec: ShardSpec) -> None:
-    """Vocabulary rows ``[r V/G, (r+1) V/G)`` of the output projection (module doc); f at its input.
-
-    The head reads the replicated final hidden state but each rank back-propagates only its vocabulary rows
-    through it, so the gradient of that state is all-reduced (``comm.tp_enter``), as for any column shard.
-    """
-    vocab = model.cfg.vocab_size
-    if vocab % world:
-        raise ValueError(f"vocab_parallel_head: vocab_size={vocab} must be a multiple of the lane degree {world}")
-    rows = torch.arange(rank * vocab // world, (rank + 1) * vocab // world)
-    model.output.weight = _take(model.output.weight, 0, rows)  # unties a tied head: it gets its own slice
-    model.output.out_features = rows.numel()
-    model.output.register_forward_pre_hook(_tp_enter_hook(weakref.ref(model)))
-    spec["output.weight"] = (0, rows)
-
-
-def shard_model(model: TransformerLM, comm: Communicator, *, vocab_parallel_head: bool = False) -> TransformerLM:
-    """Keep this rank's lanes / shards of a full model (in place) and attach ``comm``. Returns the model.
-
-    Start from the *same* full weights on every rank of the lane group (same seed or the same checkpoint):
-    each rank slices its share, so the sharded forward equals the single-process one. ``vocab_parallel_head``
-    also splits the output projection by vocabulary rows (module doc).
-    """
-    if getattr(model, "shard_spec", None) is not None:
-        raise ValueError("this model is already sharded; shard a fresh full model")
-    world, rank = comm.lane_world, comm.lane_rank
-    if comm.tp_world != world or comm.tp_rank != rank:
-        raise ValueError("tpblocks places classic-layer shards on the lane axis: comm.tp_* must equal comm.lane_*")
-    check_lane_degree(model.cfg, world)
-    if vocab_parallel_head and model.cfg.arch == "dtp" and model.cfg.lm_head_type != "replicate":
-        raise ValueError(
-            f"vocab_parallel_head: a DTP model's {model.cfg.lm_head_type!r} head is already cut by lanes; "
-            "it applies to lm_head_type='replicate' only"
-        )
-    from .schedule_placement import shard_dtp_head, shard_schedule_stage  # PaLM/Ladder/Kraken/Track/DTP
-
-    spec: ShardSpec = {}
-    copies: Copies = {}
-    model.lane_grad_hooks = {}
-    if world > 1:
-        model_ref = weakref.ref(model)
-        for i, stage in enumerate(model.stages):
-            prefix = f"stages.{i}"
-            if shard_schedule_stage(stage, prefix, comm, spec, copies, model_ref):
-                continue
-            if isinstance(stage, TPBlock):
-                _shard_tp_block(stage, prefix, rank, world, spec)
-                stage.register_forward_pre_hook(_tp_enter_hook(model_ref))
-            elif isinstance(stage, DecoderLayer):
-                _shard_classic(stage, prefix, comm, spec, copies, model_ref)
-                stage.attn.register_forward_pre_hook(_tp_enter_hook(model_ref))
-                stage.ffn.register_forward_pre_hook(_tp_enter_hook(model_ref))
-            else:  # pragma: no cover - the model only builds these two stage types
-                raise TypeError(f"cannot place stage {prefix} of type {type(stage).__name__}")
-        if model.cfg.arch == "dtp":
-            shard_dtp_head(model, rank, world, spec)
-        if vocab_parallel_head:
-            _shard_head(model, rank, world, spec)
-    model.shard_spec = spec
-    model.shard_copies = copies
-    model.comm = comm
-    return model
 
 
 # ---------------------------------------------------------------------------------------------- gathering

@@ -22,7 +22,7 @@ from .audit import CollectiveAudit, expected_syncs_per_token
 from .comm import MeshComm
 from .dims import ParallelDims
 from .dist import destroy_distributed, init_distributed, local_device
-from .placement import shard_model
+from .sharding import shard_model
 
 
 def run(flavor: str, lane: int | None, steps: int, tol: float) -> dict:
