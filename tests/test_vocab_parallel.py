@@ -93,8 +93,8 @@ def test_vocab_parallel_cross_entropy_trains_like_the_full_head():
 
 
 def test_vocab_parallel_head_needs_a_divisible_vocabulary():
-    from tpblocks.parallel.sharding import _shard_head
+    from tpblocks.parallel.dims import check_vocab_parallel_head
 
     model = build_model(get_flavor("debug_llama", vocab_size=255))
     with pytest.raises(ValueError, match="multiple of the lane degree"):
-        _shard_head(model, 0, 2, {})
+        check_vocab_parallel_head(model.cfg, 2)

@@ -32,7 +32,7 @@ from typing import Any
 from tpblocks.data.config import DataConfig
 from tpblocks.models import ModelConfig, get_flavor, solve_hidden_size
 from tpblocks.models.flavors import FLAVORS
-from tpblocks.parallel.dims import check_lane_degree
+from tpblocks.parallel.dims import check_lane_degree, check_vocab_parallel_head
 from tpblocks.parallel.mgrit.config import MGRITConfig
 from tpblocks.typed import check_fields, check_known, from_mapping, refuse_unknown
 from tpblocks.typed import require as _require
@@ -340,16 +340,10 @@ class RunConfig:
             "rank while the head would be split by vocabulary rows, so they could not stay tied; set "
             "model.overrides.tie_embeddings=false or parallel.vocab_parallel_head=false",
         )
-        _require(
-            m.vocab_size % lane == 0,
-            f"parallel.vocab_parallel_head=true: vocab_size={m.vocab_size} is not a multiple of parallel.lane={lane}"
-            f"; every rank holds vocab_size / lane rows (set model.overrides.vocab_size to a multiple of {lane})",
-        )
-        _require(
-            m.arch != "dtp" or m.lm_head_type == "replicate",
-            f"parallel.vocab_parallel_head=true: this DTP model's {m.lm_head_type!r} head is already cut by lanes; "
-            "it applies to lm_head_type=replicate only",
-        )
+        try:
+            check_vocab_parallel_head(m, lane)
+        except ValueError as err:
+            raise ValueError(f"parallel.vocab_parallel_head=true with parallel.lane={lane}: {err}") from err
 
     @property
     def seq_len(self) -> int:

@@ -158,6 +158,20 @@ def check_lane_degree(cfg: ModelConfig, lane: int) -> None:
         )
 
 
+def check_vocab_parallel_head(cfg: ModelConfig, lane: int) -> None:
+    """What splitting the output head by vocabulary rows over ``lane`` ranks needs, with the fix in the message."""
+    if cfg.arch == "dtp" and cfg.lm_head_type != "replicate":
+        raise ValueError(
+            f"vocab_parallel_head: a DTP model's {cfg.lm_head_type!r} head is already cut by lanes; "
+            "it applies to lm_head_type='replicate' only"
+        )
+    if cfg.vocab_size % lane:
+        raise ValueError(
+            f"vocab_parallel_head: vocab_size={cfg.vocab_size} is not a multiple of the lane degree {lane}; every "
+            f"rank holds vocab_size / lane head rows (set vocab_size to a multiple of {lane})"
+        )
+
+
 def _default_world_size() -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()

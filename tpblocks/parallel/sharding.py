@@ -13,7 +13,7 @@ from ..models.comm import Communicator
 from ..models.layers import DecoderLayer
 from ..models.model import TransformerLM
 from ..models.tp_block import TPBlock
-from .dims import check_lane_degree
+from .dims import check_lane_degree, check_vocab_parallel_head
 from .placement import Copies, ShardSpec, _shard_classic, _shard_tp_block, _take, _tp_enter_hook
 from .schedule_placement import shard_dtp_head, shard_schedule_stage
 
@@ -25,8 +25,6 @@ def _shard_head(model: TransformerLM, rank: int, world: int, spec: ShardSpec) ->
     through it, so the gradient of that state is all-reduced (``comm.tp_enter``), as for any column shard.
     """
     vocab = model.cfg.vocab_size
-    if vocab % world:
-        raise ValueError(f"vocab_parallel_head: vocab_size={vocab} must be a multiple of the lane degree {world}")
     rows = torch.arange(rank * vocab // world, (rank + 1) * vocab // world)
     model.output.weight = _take(model.output.weight, 0, rows)  # unties a tied head: it gets its own slice
     model.output.out_features = rows.numel()
@@ -47,11 +45,8 @@ def shard_model(model: TransformerLM, comm: Communicator, *, vocab_parallel_head
     if comm.tp_world != world or comm.tp_rank != rank:
         raise ValueError("tpblocks places classic-layer shards on the lane axis: comm.tp_* must equal comm.lane_*")
     check_lane_degree(model.cfg, world)
-    if vocab_parallel_head and model.cfg.arch == "dtp" and model.cfg.lm_head_type != "replicate":
-        raise ValueError(
-            f"vocab_parallel_head: a DTP model's {model.cfg.lm_head_type!r} head is already cut by lanes; "
-            "it applies to lm_head_type='replicate' only"
-        )
+    if vocab_parallel_head:  # before any stage is cut: a refused model stays whole
+        check_vocab_parallel_head(model.cfg, world)
     spec: ShardSpec = {}
     copies: Copies = {}
     model.lane_grad_hooks = {}
