@@ -1,6 +1,7 @@
 """Retaining freed CPU memory removes the page faults a training step otherwise takes on every reallocation."""
 
 import platform
+import statistics
 import subprocess
 import sys
 
@@ -23,21 +24,25 @@ def step():  # like an activation buffer: 64 MiB allocated, written, freed
     del x
 for _ in range(3):  # the heap settles after its first few growths
     step()
-before = faults()
+per_step = []
 for _ in range(10):
+    before = faults()
     step()
-print(faults() - before)
+    per_step.append(faults() - before)
+print(*per_step)
 """
 
 
-def _faults(mode: str) -> int:
+def _faults_per_step(mode: str) -> float:
+    """The median page faults of one alloc-write-free step: a step, not the run, so that one re-fault of the block
+    (the heap grown once elsewhere while the machine is loaded, seen once in CI) does not decide the test."""
     out = subprocess.run([sys.executable, "-c", ALLOC_FREE_LOOP, mode], capture_output=True, text=True, check=True)
-    return int(out.stdout.strip().splitlines()[-1])
+    return statistics.median(int(n) for n in out.stdout.strip().splitlines()[-1].split())
 
 
 def test_retained_memory_is_reused_without_page_faults():
-    system, retained = _faults("system"), _faults("retain")
-    assert system > 10 * (64 << 20) // 4096 // 2  # glibc default: the 64 MiB block is faulted in on every step
+    system, retained = _faults_per_step("system"), _faults_per_step("retain")
+    assert system > (64 << 20) // 4096 // 2  # glibc default: the 64 MiB block is faulted in on every step
     assert retained < system / 20
 
 
