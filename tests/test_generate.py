@@ -2,7 +2,6 @@
 generation on 2 gloo ranks equals one process, and launch/generate.py runs from a saved model."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch.multiprocessing as mp
 from tpblocks.infer import generate, sample_next
 from tpblocks.models import build_model, get_flavor
 from tpblocks.models.io import save_model
+from tpblocks.parallel.dist import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 FLAVORS = ["debug_llama", "debug_burger", "debug_sandwich"]
@@ -97,10 +97,6 @@ def test_eos_stops_and_validation():
 
 
 # ---------------------------------------------------------------------- 2 ranks, gloo
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, results: dict):
@@ -130,7 +126,7 @@ def _worker(rank: int, world: int, port: int, results: dict):
 def test_sharded_generation_on_two_ranks_equals_one_process():
     from tpblocks.infer.perfmodel import syncs_for_config
 
-    port = _free_port()
+    port = free_port()
     with mp.Manager() as manager:
         results = manager.dict()
         mp.spawn(_worker, args=(2, port, results), nprocs=2, join=True)

@@ -1,5 +1,6 @@
 """Multi-rank training through torchrun (gloo on CPU): 1 rank == 2 ranks at equal effective batch, DeepSpeed
-ZeRO-2 == DDP (and resumes its own checkpoint), and the 2-rank smoke experiment learns."""
+ZeRO-2 == DDP (and resumes its own checkpoint), DeepSpeed in one process == the plain step, and the 2-rank smoke
+experiment learns."""
 
 from __future__ import annotations
 
@@ -82,6 +83,22 @@ def test_deepspeed_zero2_two_ranks_matches_ddp(tiny_data, ddp_two_ranks, tmp_pat
     torch.testing.assert_close(_losses(after, "train_loss"), _losses(ds[3:], "train_loss"), rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match=r"written by trainer=deepspeed.*resume it with trainer=deepspeed"):
         run(compose(tiny_overrides(tiny_data, tmp_path / "ddp", **EXTRA, **{"train.resume": str(step3)})))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_deepspeed_in_one_process_equals_the_plain_step(tiny_data, tmp_path):
+    """No launcher: the trainer starts DeepSpeed's one-rank group itself (``init_distributed(group_of_one=True)``)."""
+    runs = {name: tmp_path / name for name in ("deepspeed", "plain")}
+    ds = launch(
+        tiny_overrides(tiny_data, runs["deepspeed"], **EXTRA, **{"trainer": "deepspeed", "trainer.zero_stage": 1})
+    )
+    assert ds.returncode == 0, ds.stderr[-4000:]
+    assert read_summary(runs["deepspeed"])["backend"] == "deepspeed"
+    plain = launch(tiny_overrides(tiny_data, runs["plain"], **EXTRA))
+    assert plain.returncode == 0, plain.stderr[-4000:]
+    ds_m, plain_m = read_metrics(runs["deepspeed"]), read_metrics(runs["plain"])
+    torch.testing.assert_close(_losses(ds_m, "train_loss"), _losses(plain_m, "train_loss"), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -11,12 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from kernels import comm
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tpblocks.parallel.dist import free_port
 
 
 def _worker(rank: int, world: int, port: int, results) -> None:
@@ -39,7 +33,7 @@ def test_async_all_reduce_over_gloo():
     world = 2
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_worker, args=(world, _free_port(), results), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, free_port(), results), nprocs=world, join=True)
         results = dict(results)
     expected = torch.full((3, 5), 3.0)  # 1 + 2
     for rank in range(world):

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -27,6 +26,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from tpblocks.parallel.dist import free_port
 
 from .perfmodel import Hardware
 
@@ -162,10 +163,6 @@ def calibrate(
 
 
 # ---------------------------------------------------------------------- command line
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _spawned(rank: int, world: int, port: int, kwargs: dict, out: str) -> None:
@@ -187,7 +184,7 @@ def spawn_calibration(world: int = 2, **kwargs) -> Calibration:
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "calibration.json")
-        mp.spawn(_spawned, args=(world, _free_port(), kwargs, out), nprocs=world, join=True)
+        mp.spawn(_spawned, args=(world, free_port(), kwargs, out), nprocs=world, join=True)
         return Calibration(**json.loads(Path(out).read_text()))
 
 

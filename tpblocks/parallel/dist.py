@@ -3,12 +3,13 @@
 ``init_distributed()`` reads ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` (set by torchrun, or by Slurm via
 ``SLURM_PROCID`` / ``SLURM_NTASKS`` / ``SLURM_LOCALID``), picks gloo on CPU and nccl on CUDA, and returns
 ``(rank, world)``. Without those variables it returns ``(0, 1)`` and initialises nothing, so the same entry point
-runs in one process.
+runs in one process; ``group_of_one=True`` starts a one-rank group then (DeepSpeed wants one even for one rank).
 """
 
 from __future__ import annotations
 
 import os
+import socket
 from datetime import timedelta
 
 import torch
@@ -27,18 +28,34 @@ def _env_int(*names: str) -> int | None:
     return None
 
 
-def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> tuple[int, int]:
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that is free now: the rendezvous of a group this process starts or spawns."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(
+    backend: str | None = None, timeout_s: float = 600.0, *, group_of_one: bool = False
+) -> tuple[int, int]:
     """Initialise the default process group from the launcher's environment; returns (rank, world).
 
     ``backend`` defaults to nccl when CUDA is available, else gloo. Idempotent: when a group already exists it
     only reports it. Under torchrun ``MASTER_ADDR``/``MASTER_PORT`` are set; under plain Slurm ``srun`` they must
-    be exported by the job script (``MASTER_ADDR=$(hostname) MASTER_PORT=29500``).
+    be exported by the job script (``MASTER_ADDR=$(hostname) MASTER_PORT=29500``). One process (no launcher, or a
+    world of 1) gets a group only with ``group_of_one``, on a free local port.
     """
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     world = _env_int("WORLD_SIZE", "SLURM_NTASKS")
     rank = _env_int("RANK", "SLURM_PROCID")
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if world is None or world == 1:
+        if group_of_one:
+            dist.init_process_group(
+                backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
+                timeout=timedelta(seconds=timeout_s),
+            )  # fmt: skip
         return 0, 1
     if rank is None:
         raise ValueError("WORLD_SIZE is set but RANK is not; launch with torchrun (it sets both)")
@@ -49,8 +66,6 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> tu
             raise ValueError(
                 f"{name} is not set; launch with torchrun, or export MASTER_ADDR and MASTER_PORT in the job script"
             )
-    if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
     kwargs = {}
     if backend == "nccl":
         torch.cuda.set_device(local_rank())

@@ -200,12 +200,11 @@ class DeepSpeedBackend:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: RunConfig, env: DistEnv, accum: int):
         deepspeed = import_deepspeed()
         if not env.distributed:  # DeepSpeed always wants a process group, even for one rank
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            os.environ.setdefault("RANK", "0")
-            os.environ.setdefault("WORLD_SIZE", "1")
-            os.environ.setdefault("LOCAL_RANK", "0")
-            dist.init_process_group(backend="nccl" if env.device.type == "cuda" else "gloo")
+            from tpblocks.parallel.dist import init_distributed
+
+            init_distributed("nccl" if env.device.type == "cuda" else "gloo", group_of_one=True)
+            for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):  # DeepSpeed's engine asserts a launcher set them
+                os.environ.setdefault(name, "1" if name == "WORLD_SIZE" else "0")
         self.module, self.optimizer, self.env = model, optimizer, env
         bf16 = cfg.train.bf16_on(env.device.type)
         ds_config = {
@@ -259,14 +258,6 @@ class DeepSpeedBackend:
         destroy = getattr(self.engine, "destroy", None)  # DeepSpeed >= 0.14
         if destroy is not None:
             destroy()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_backend(par: Parallelized, optimizer: torch.optim.Optimizer, cfg: RunConfig, env: DistEnv, accum: int):
