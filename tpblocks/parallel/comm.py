@@ -13,6 +13,12 @@ of each collective are a conjugate pair (Megatron's f/g):
 ``tp_enter`` is not a model call: ``tpblocks.parallel.placement`` applies it from outside, as a forward
 pre-hook on every TP block and on the attention/FFN of every sharded classic layer.
 
+With autograd on (training) each pair is DTensor's own redistribution on the 1-D lane mesh, entered and left on
+plain local tensors: f = Replicate in, ``to_local(grad_placements=[Partial()])``; g = Partial -> Replicate;
+the gather = Shard(-1) -> Replicate. A delayed sum runs outside autograd (any transport, in the background) and
+is attached at reception with f's backward when it needs one. A gradient hook counts each backward collective
+in ``comm.backward_counter``. Without autograd (decode) the collectives below are called directly.
+
 Collectives are ``torch.distributed._functional_collectives`` (out of place, traceable), so a compiled decode
 step (``tpblocks.infer.engine``) contains every merge, Megatron reduce and delayed lane sum in its graph. A
 started sum is an ``AsyncCollectiveTensor`` awaited explicitly with ``wait_tensor`` at reception: eagerly the
@@ -27,6 +33,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 from ..models.comm import Communicator, PendingSum, SyncCounter
 
@@ -54,75 +62,70 @@ def all_gather_last_dim(x: torch.Tensor, group, world: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- autograd pairs
-class _ReduceFromLanes(torch.autograd.Function):
-    """g: all-reduce forward, identity backward."""
+# Megatron's f/g are DTensor's own redistributions, entered and left on plain local tensors (``run_check=False``:
+# the placements are asserted, not checked with a collective). torch documents the gradient placements used here
+# in ``DTensor.from_local``: a Partial input always gets a Replicate gradient (g: identity backward), and
+# ``to_local(grad_placements=[Partial()])`` says each rank's gradient is one term of a sum (f: all-reduce backward).
+def _count_backward(y: torch.Tensor, comm: MeshComm, kind: str) -> torch.Tensor:
+    """Count ``kind`` in ``comm.backward_counter`` when the gradient of ``y`` is computed (i.e. when the backward
+    collective behind ``y`` runs). Not inside compiled code: the counters skip it there (``SyncCounter.add``)."""
+    if not torch.compiler.is_compiling():
+        y.register_hook(lambda grad: comm.backward_counter.add(kind, blocking=True))
+    return y
+
+
+def copy_to_lanes(x: torch.Tensor, comm: MeshComm, kind: str) -> torch.Tensor:
+    """f: identity forward, all-reduce backward (every rank back-propagated only its own share through ``x``)."""
+    y = DTensor.from_local(x, comm.mesh, [Replicate()], run_check=False).to_local(grad_placements=[Partial()])
+    return _count_backward(y, comm, kind)
+
+
+def reduce_from_lanes(x: torch.Tensor, comm: MeshComm) -> torch.Tensor:
+    """g: all-reduce forward, identity backward (the sum is replicated, so is its gradient)."""
+    partial = DTensor.from_local(x, comm.mesh, [Partial()], run_check=False)
+    return partial.redistribute(comm.mesh, [Replicate()]).to_local()
+
+
+def gather_last_dim(x: torch.Tensor, comm: MeshComm) -> torch.Tensor:
+    """All-gather along the last dim (ranks in order); backward keeps this rank's slice of the gradient."""
+    shards = DTensor.from_local(x, comm.mesh, [Shard(x.ndim - 1)], run_check=False)
+    return shards.redistribute(comm.mesh, [Replicate()]).to_local()
+
+
+class _Attach(torch.autograd.Function):
+    """Puts a finished sum back into the graph: value = ``total``, gradient passed unchanged to ``local``.
+
+    Not a collective (DTensor has no op for "this value, that gradient path"): the sum itself ran outside
+    autograd on a detached copy, so any transport can run it in the background (``PendingAllReduce``).
+    """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, comm: MeshComm) -> torch.Tensor:
-        return all_reduce_now(x, comm.group)
+    def forward(ctx, local: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+        return total.view_as(total)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         return grad, None
 
 
-class _CopyToLanes(torch.autograd.Function):
-    """f: identity forward, all-reduce backward."""
+def attach_sum(local: torch.Tensor, total: torch.Tensor, comm: MeshComm, reduce_grad: bool) -> torch.Tensor:
+    """``total`` (the lane sum of ``local``) with a gradient path to ``local``.
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, comm: MeshComm) -> torch.Tensor:
-        ctx.comm = comm
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        ctx.comm.backward_counter.add("tp_enter", blocking=True)
-        return all_reduce_now(grad, ctx.comm.group), None
-
-
-class _GatherLastDim(torch.autograd.Function):
-    """All-gather along the last dim (ranks in order); backward keeps this rank's slice."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, comm: MeshComm) -> torch.Tensor:
-        ctx.comm = comm
-        ctx.width = x.shape[-1]
-        return all_gather_last_dim(x, comm.group, comm.lane_world)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        comm: MeshComm = ctx.comm
-        start = comm.lane_rank * ctx.width
-        return grad[..., start : start + ctx.width].contiguous(), None
-
-
-class _AttachSum(torch.autograd.Function):
-    """Puts a finished lane sum back into the graph: value = ``total``, gradient flows to ``local``.
-
-    The collective itself runs outside autograd on a detached copy (so any transport can run it in the
-    background). With ``reduce_grad`` the total is used differently by every rank (delayed reception), so
-    d loss / d (this rank's part) is the sum over ranks of their gradients of the total: an all-reduce.
-    Without it the sum is consumed identically by every rank (a replicated residual stream, Ladder), so the
-    gradient of each rank's part is the (replicated) gradient of the sum: identity.
+    With ``reduce_grad`` the total is used differently by every rank (delayed reception), so d loss / d (this
+    rank's part) is the sum over ranks of their gradients of the total: f's all-reduce. Without it the sum is
+    consumed identically by every rank (a replicated residual stream, Ladder), so the gradient of each rank's
+    part is the (replicated) gradient of the sum: identity.
     """
-
-    @staticmethod
-    def forward(ctx, local: torch.Tensor, total: torch.Tensor, comm: MeshComm, reduce_grad: bool) -> torch.Tensor:
-        ctx.comm, ctx.reduce_grad = comm, reduce_grad
-        return total.view_as(total)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        if not ctx.reduce_grad:
-            return grad, None, None, None
-        ctx.comm.backward_counter.add("lane_sum", blocking=True)
-        return all_reduce_now(grad, ctx.comm.group), None, None, None
+    if reduce_grad:
+        local = copy_to_lanes(local, comm, "lane_sum")
+    return _Attach.apply(local, total)
 
 
+# ---------------------------------------------------------------------------------------------- autograd pairs
 class PendingAllReduce(PendingSum):
     """Handle of an in-flight sum over the lane group: ``wait()`` joins it and returns the total (b, s, d).
 
-    ``reduce_grad``: whether the backward of the sum all-reduces (``_AttachSum``).
+    ``reduce_grad``: whether the backward of the sum all-reduces (``attach_sum``).
     """
 
     def __init__(self, local: torch.Tensor, comm: MeshComm, reduce_grad: bool = True):
@@ -144,12 +147,25 @@ class PendingAllReduce(PendingSum):
             total = self._work.wait() if self._work is not None else funcol.wait_tensor(self._total)
             local = self._value
             if torch.is_grad_enabled() and local.requires_grad:
-                total = _AttachSum.apply(local, total, self._comm, self._reduce_grad)
+                total = attach_sum(local, total, self._comm, self._reduce_grad)
             self._done = total
         return self._done
 
 
 # ---------------------------------------------------------------------------------------------- communicator
+def _lane_mesh(mesh_or_group, dim: str) -> DeviceMesh:
+    """The 1-D device mesh of the lane group: ``mesh[dim]`` of a ``DeviceMesh``, else one built on the
+    ``ProcessGroup`` (``None``: the default group). DTensor's f/g need a mesh; the collectives use its group."""
+    if isinstance(mesh_or_group, DeviceMesh):
+        names = mesh_or_group.mesh_dim_names or ()
+        if dim not in names:
+            raise ValueError(f"the device mesh has dims {names}; MeshComm needs a {dim!r} dim")
+        return mesh_or_group[dim] if len(names) > 1 else mesh_or_group
+    group = mesh_or_group if mesh_or_group is not None else dist.group.WORLD
+    device_type = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+    return DeviceMesh.from_group(group, device_type, mesh_dim_names=(dim,))
+
+
 class MeshComm(Communicator):
     """Communicator over the lane (= tensor-parallel) group of a device mesh.
 
@@ -170,13 +186,8 @@ class MeshComm(Communicator):
                 "MeshComm needs torch.distributed initialised; call tpblocks.parallel.init_distributed() first "
                 "(for one process use tpblocks.models.comm.LocalComm)"
             )
-        group = mesh_or_group
-        if hasattr(mesh_or_group, "get_group"):  # a DeviceMesh
-            names = mesh_or_group.mesh_dim_names or ()
-            if dim not in names:
-                raise ValueError(f"the device mesh has dims {names}; MeshComm needs a {dim!r} dim")
-            group = mesh_or_group.get_group(dim)
-        self.group = group if group is not None else dist.group.WORLD
+        self.mesh = _lane_mesh(mesh_or_group, dim)
+        self.group = self.mesh.get_group()
         rank = dist.get_rank(self.group)
         world = dist.get_world_size(self.group)
         # One axis for both: a rank's lanes and its classic-layer shards have the same index.
@@ -194,7 +205,7 @@ class MeshComm(Communicator):
         """Identity forward; all-reduce of the gradient in backward. Not a forward sync, so not counted there."""
         if not self.distributed or not torch.is_grad_enabled() or not x.requires_grad:
             return x
-        return _CopyToLanes.apply(x, self)
+        return copy_to_lanes(x, self, "tp_enter")
 
     # ------------------------------------------------------------------ Communicator implementation
     # Without autograd (decode) the collectives are called directly: nothing to attach, and a plain call is
@@ -204,14 +215,14 @@ class MeshComm(Communicator):
             return x
         if not torch.is_grad_enabled():
             return all_reduce_now(x, self.group)
-        return _ReduceFromLanes.apply(x, self)
+        return reduce_from_lanes(x, self)
 
     def _lane_gather(self, x_bsf: torch.Tensor) -> torch.Tensor:
         if self.lane_world == 1:
             return x_bsf
         if not torch.is_grad_enabled():
             return all_gather_last_dim(x_bsf, self.group, self.lane_world)
-        return _GatherLastDim.apply(x_bsf, self)
+        return gather_last_dim(x_bsf, self)
 
     def _lane_sum_start(self, x_lbsd: torch.Tensor) -> PendingSum:
         local_bsd = x_lbsd.sum(0)
