@@ -121,7 +121,7 @@ def attach_sum(local: torch.Tensor, total: torch.Tensor, comm: MeshComm, reduce_
     return _Attach.apply(local, total)
 
 
-# ---------------------------------------------------------------------------------------------- autograd pairs
+# ------------------------------------------------------------------------------------------------ pending sums
 class PendingAllReduce(PendingSum):
     """Handle of an in-flight sum over the lane group: ``wait()`` joins it and returns the total (b, s, d).
 
