@@ -97,8 +97,6 @@ def test_eos_stops_and_validation():
 
 
 # ---------------------------------------------------------------------- 2 ranks, gloo
-
-
 def _worker(rank: int, world: int, port: int, results: dict):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)

@@ -163,8 +163,6 @@ def calibrate(
 
 
 # ---------------------------------------------------------------------- command line
-
-
 def _spawned(rank: int, world: int, port: int, kwargs: dict, out: str) -> None:
     torch.set_num_threads(1)  # as torchrun does: one thread per rank
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)

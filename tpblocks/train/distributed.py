@@ -203,8 +203,8 @@ class DeepSpeedBackend:
             from tpblocks.parallel.dist import init_distributed
 
             init_distributed("nccl" if env.device.type == "cuda" else "gloo", group_of_one=True)
-            for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):  # DeepSpeed's engine asserts a launcher set them
-                os.environ.setdefault(name, "1" if name == "WORLD_SIZE" else "0")
+            for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():
+                os.environ.setdefault(name, value)  # DeepSpeed's engine asserts that a launcher set them
         self.module, self.optimizer, self.env = model, optimizer, env
         bf16 = cfg.train.bf16_on(env.device.type)
         ds_config = {
