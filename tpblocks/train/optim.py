@@ -47,8 +47,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     """torch AdamW over ``model`` (also the client optimizer handed to DeepSpeed)."""
     groups = [g for g in param_groups(model, cfg.weight_decay) if g["params"]]
-    # foreach is the fast path on CPU and GPU; fused needs CUDA (or a recent CPU build) and is left to torch.
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    # foreach, asked for: torch picks it only for CUDA tensors, and on CPU its per-parameter loop costs a DTensor
+    # dispatch per op per parameter (3.5x the step on a lane-sharded model). foreach gives the same bits as that
+    # loop on CPU; fused would be faster still but rounds differently.
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True)
 
 
 def apply_resumed_hyperparameters(optimizer: torch.optim.Optimizer, scheduler, cfg: OptimConfig) -> list[str]:
