@@ -49,8 +49,10 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     groups = [g for g in param_groups(model, cfg.weight_decay) if g["params"]]
     # foreach, asked for: torch picks it only for CUDA tensors, and on CPU its per-parameter loop costs a DTensor
     # dispatch per op per parameter (3.5x the step on a lane-sharded model). foreach gives the same bits as that
-    # loop on CPU; fused would be faster still but rounds differently.
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True)
+    # loop on CPU; fused would be faster still but rounds differently. One foreach call cannot mix DTensors and
+    # plain tensors (a lane model's replicated KV heads and lane-shared norms stay plain): those take the loop.
+    kinds = {type(p) for g in groups for p in g["params"]}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=len(kinds) == 1)
 
 
 def apply_resumed_hyperparameters(optimizer: torch.optim.Optimizer, scheduler, cfg: OptimConfig) -> list[str]:
