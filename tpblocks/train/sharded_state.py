@@ -212,6 +212,11 @@ def _optimizer_locals(model, optimizer, saved: dict, directory: Path) -> dict:
     return out
 
 
+def _implementation(group: dict) -> dict:
+    """How a param group steps (not its state): this run's choice, whatever the checkpoint's run chose."""
+    return {k: group[k] for k in ("foreach", "fused", "capturable", "differentiable") if k in group}
+
+
 def _load_optimizer(model, optimizer, groups: list[dict] | None, loaded: dict) -> None:
     current = optimizer.state_dict()["param_groups"]
     if groups is None or len(groups) != len(current):
@@ -220,7 +225,9 @@ def _load_optimizer(model, optimizer, groups: list[dict] | None, loaded: dict) -
     for index, name in enumerate(_param_names(model, optimizer)):
         prefix = f"{OPTIM}{name}."
         state[index] = {k[len(prefix) :]: v for k, v in loaded.items() if k.startswith(prefix)}
-    merged = [{**saved, "params": mine["params"]} for saved, mine in zip(groups, current)]
+    # The saved hyperparameters, but this run's choice of implementation: a layout that mixes DTensors and plain
+    # tensors cannot take the foreach path another layout saved (tpblocks.train.optim.build_optimizer).
+    merged = [{**saved, **_implementation(mine), "params": mine["params"]} for saved, mine in zip(groups, current)]
     optimizer.load_state_dict({"state": state, "param_groups": merged})
 
 
