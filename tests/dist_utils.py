@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from tpblocks.models.layers import local
 from tpblocks.parallel import CollectiveAudit, clip_grad_norm_, local_slice, shard_model, unshard_state_dict
 
 
@@ -81,9 +82,11 @@ def check_grad_slices(model, full, label: str, *, strict: bool = True) -> None:
         where = f"{label} gradient of {name}"
         if strict:
             assert scale > 0, f"{label}: {name} got no gradient in the reference; the check would be vacuous"
-        torch.testing.assert_close(p.grad, expected, rtol=RTOL, atol=ATOL * scale, msg=lambda m, w=where: f"{w}: {m}")
+        torch.testing.assert_close(
+            local(p.grad), expected, rtol=RTOL, atol=ATOL * scale, msg=lambda m, w=where: f"{w}: {m}"
+        )
         if strict and name not in model.shard_spec:  # replicated: bit-identical on every lane rank
-            assert same_on_all_ranks(p.grad), f"{label}: replicated {name} has different grads per rank"
+            assert same_on_all_ranks(local(p.grad)), f"{label}: replicated {name} has different grads per rank"
 
 
 def check_grad_norm(model, full, label: str) -> None:

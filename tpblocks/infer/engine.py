@@ -27,6 +27,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..parallel.placement import local_parameters_
+
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}  # fmt: skip
 
@@ -40,9 +42,7 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
-def sample(
-    logits_bv: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, generator=None
-) -> torch.Tensor:
+def sample(logits_bv: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, generator=None) -> torch.Tensor:
     """Next token ids (b,) from last-position logits (b, v), on their device, without a host sync.
 
     ``temperature == 0`` is greedy. Otherwise logits / temperature, cut to the ``top_k`` largest, and one draw
@@ -117,7 +117,9 @@ class DecodeEngine:
     prepacked for MKL, which reads a (v, h) head about twice as fast as the plain matvec (docs/decode.md). The
     frozen graph holds those weights as constants, some of them transformed copies (the packed linears): do not
     change the model's weights after a frozen engine's first step (build a new engine). Every rank of a lane
-    group builds the same engine and calls it with the same arguments.
+    group builds the same engine and calls it with the same arguments. The engine takes ``model`` for decoding:
+    a lane-sharded model's DTensor parameters become plain local ones (``local_parameters_``, same storage), so
+    no compiled graph sees a DTensor; it cannot be trained afterwards.
     """
 
     def __init__(
@@ -132,6 +134,7 @@ class DecodeEngine:
         compile_prefill: bool = True,
         freeze: bool | None = None,
     ):
+        local_parameters_(model)
         dtype = resolve_dtype(dtype)
         if dtype is not None:
             model.to(dtype)

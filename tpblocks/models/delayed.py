@@ -22,6 +22,8 @@ from torch import nn
 
 from kernels import dispatch as kernel_dispatch
 
+from .layers import local
+
 
 class Reception(nn.Module):
     """Adds the other lanes' broadcast to each lane, for every receive point of one TP block."""
@@ -42,7 +44,7 @@ class Reception(nn.Module):
         if kernel_dispatch.use_triton(x_lbsd):  # one-pass Triton reception (kernels/reception.py)
             from kernels import ops
 
-            gate = self.gate[point] if self.gate is not None else None
+            gate = local(self.gate)[point] if self.gate is not None else None
             return ops.reception(x_lbsd, total_bsd, sent_lbsd, gate, self.mode, self.lane_count, self.eps)
         others = total_bsd.unsqueeze(0) - sent_lbsd  # sum over lanes j != i, for each local lane i
         if self.mode == "sum":
@@ -52,4 +54,4 @@ class Reception(nn.Module):
             return x_lbsd + others
         # The gate is the only scale, so normalise without a weight (fp32, as rms_norm does).
         normed = F.rms_norm(others.float(), (others.shape[-1],), eps=self.eps).to(others.dtype)
-        return x_lbsd + self.gate[point][:, None, None, :] * normed
+        return x_lbsd + local(self.gate)[point][:, None, None, :] * normed

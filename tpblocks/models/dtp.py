@@ -37,7 +37,7 @@ from .comm import Communicator, PendingSum, SyncPlan
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .lanes import LaneLayer, lane_matmul, lane_scale
-from .layers import RMSNorm, RotaryEmbedding, rms_norm
+from .layers import RMSNorm, RotaryEmbedding, local, rms_norm
 
 SUBLAYERS = ("attention", "ffn")
 
@@ -134,12 +134,12 @@ def lane_head_logits(
     l, b, s, h = x_lbsh.shape
     if cfg.pre_norm_lane_agg:
         return output(norm(comm.lane_reduce(x_lbsh.sum(0))))
-    xn_lbsh = rms_norm(x_lbsh, lane_scale(norm.weight), norm.eps)
+    xn_lbsh = rms_norm(x_lbsh, lane_scale(local(norm.weight)), norm.eps)
     if cfg.lm_head_type == "replicate":
         return output(comm.lane_reduce(xn_lbsh.sum(0)) / cfg.lane_count)
     if cfg.lm_head_type == "lane":
-        w_lhv = output.weight.view(-1, l, h).permute(1, 2, 0)  # (V, l h) -> (l, h, V): lane j's column block
+        w_lhv = local(output.weight).view(-1, l, h).permute(1, 2, 0)  # (V, l h) -> (l, h, V): lane j's column block
         return comm.lane_reduce(lane_matmul(xn_lbsh, w_lhv).sum(0))
-    w_lhc = output.weight.view(l, -1, h).transpose(1, 2)  # (l V/L, h) -> (l, h, V/L): lane j's vocabulary rows
+    w_lhc = local(output.weight).view(l, -1, h).transpose(1, 2)  # (l V/L, h) -> (l, h, V/L): lane j's vocabulary rows
     logits_lbsc = lane_matmul(xn_lbsh, w_lhc)
     return logits_lbsc.permute(1, 2, 0, 3).reshape(b, s, -1)

@@ -17,7 +17,7 @@ from torch import nn
 from kernels import dispatch as kernel_dispatch
 
 from .kv_cache import KVCache
-from .layers import DecoderLayer, RotaryEmbedding, attend, rms_norm
+from .layers import DecoderLayer, RotaryEmbedding, attend, local, rms_norm
 
 
 def _stacked(l: int, *shape: int) -> nn.Parameter:
@@ -98,7 +98,7 @@ class LaneLayer(nn.Module):
 
     @property
     def lanes(self) -> int:
-        return self.wq.shape[0]
+        return local(self.wq).shape[0]
 
     def kv_cache_shape(self, batch: int) -> tuple[int, int, int]:
         """(lanes x batch, KV heads, head dim): lanes fold into the batch axis of the cache, as in ``attention``."""
@@ -109,7 +109,9 @@ class LaneLayer(nn.Module):
         if self.burger_write and kernel_dispatch.use_triton(x_lbsd):
             from kernels import ops  # Triton: down-projection of all lanes straight into their own slices
 
-            return ops.lane_down_into_own_slice(x_lbsd, self.ffn_activation(x_lbsd), self.w_down, self.lane_offset)
+            return ops.lane_down_into_own_slice(
+                x_lbsd, self.ffn_activation(x_lbsd), local(self.w_down), self.lane_offset
+            )
         ffn_out = self.feed_forward(x_lbsd)
         if self.burger_write:
             return add_into_own_slice(x_lbsd, ffn_out, self.lane_offset)
@@ -119,23 +121,23 @@ class LaneLayer(nn.Module):
         l, b, s, _ = x_lbsd.shape
         e = self.head_dim
         start = cache.position if cache is not None else 0
-        xn = rms_norm(x_lbsd, lane_scale(self.attn_norm), self.eps)
+        xn = rms_norm(x_lbsd, lane_scale(local(self.attn_norm)), self.eps)
         # Lanes fold into the batch axis for attention: (l*b, heads, s, e).
-        q = lane_matmul(xn, self.wq).view(l * b, s, -1, e).transpose(1, 2)
-        k = lane_matmul(xn, self.wk).view(l * b, s, -1, e).transpose(1, 2)
-        v = lane_matmul(xn, self.wv).view(l * b, s, -1, e).transpose(1, 2)
+        q = lane_matmul(xn, local(self.wq)).view(l * b, s, -1, e).transpose(1, 2)
+        k = lane_matmul(xn, local(self.wk)).view(l * b, s, -1, e).transpose(1, 2)
+        v = lane_matmul(xn, local(self.wv)).view(l * b, s, -1, e).transpose(1, 2)
         q, k = self.rope(q, start), self.rope(k, start)
         o = attend(q, k, v, cache, self.cache_slot, self.window)  # (l*b, n, s, e)
         o_lbsf = o.transpose(1, 2).reshape(l, b, s, -1)
-        return lane_matmul(o_lbsf, self.wo)
+        return lane_matmul(o_lbsf, local(self.wo))
 
     def feed_forward(self, x_lbsd: torch.Tensor) -> torch.Tensor:
-        return lane_matmul(self.ffn_activation(x_lbsd), self.w_down)
+        return lane_matmul(self.ffn_activation(x_lbsd), local(self.w_down))
 
     def ffn_activation(self, x_lbsd: torch.Tensor) -> torch.Tensor:
         """silu(xn W_gate) * (xn W_up) of the normed input, (l, b, s, f)."""
-        xn = rms_norm(x_lbsd, lane_scale(self.ffn_norm), self.eps)
-        g_lbsf, u_lbsf = lane_matmul(xn, self.w_gate), lane_matmul(xn, self.w_up)
+        xn = rms_norm(x_lbsd, lane_scale(local(self.ffn_norm)), self.eps)
+        g_lbsf, u_lbsf = lane_matmul(xn, local(self.w_gate)), lane_matmul(xn, local(self.w_up))
         if kernel_dispatch.use_triton(g_lbsf):
             from kernels import ops  # fused Triton SwiGLU (kernels/swiglu.py)
 

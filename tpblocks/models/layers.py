@@ -22,6 +22,30 @@ from .comm import Communicator, SyncPlan
 from .kv_cache import KVCache, causal_mask
 
 
+def local(weight: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a weight: ``weight.to_local()`` when it is a DTensor (``tpblocks.parallel.shard_model``
+    makes sharded parameters DTensors on the lane mesh), else ``weight`` itself. The model computes on plain local
+    tensors and never imports torch.distributed (duck typing); torchtitan's MoE ``GroupedExperts.forward`` reads its
+    stacked expert weights the same way (``self.w1.to_local()``). Autograd flows through ``to_local``: the gradient
+    lands on the DTensor parameter with its placements."""
+    return weight.to_local() if hasattr(weight, "to_local") else weight
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` that reads its weight through ``local`` (same parameters and state-dict keys)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, local(self.weight), None if self.bias is None else local(self.bias))
+
+
+class Embedding(nn.Embedding):
+    """``nn.Embedding`` that reads its weight through ``local`` (same parameters and state-dict keys)."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, local(self.weight), self.padding_idx, self.max_norm, self.norm_type,
+                           self.scale_grad_by_freq, self.sparse)  # fmt: skip
+
+
 class RMSNorm(nn.Module):
     """RMSNorm computed in fp32 and cast back, as Hugging Face Llama does (needed for bit-level parity)."""
 
@@ -32,7 +56,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, local(self.weight), self.eps)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -146,10 +170,10 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.head_dim = hidden // n_heads
-        self.wq = nn.Linear(hidden, n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(hidden, n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(hidden, n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(n_heads * self.head_dim, hidden, bias=False)
+        self.wq = Linear(hidden, n_heads * self.head_dim, bias=False)
+        self.wk = Linear(hidden, n_kv_heads * self.head_dim, bias=False)
+        self.wv = Linear(hidden, n_kv_heads * self.head_dim, bias=False)
+        self.wo = Linear(n_heads * self.head_dim, hidden, bias=False)
         self.rope = rope
         self.cache_slot = -1  # set by the model: index of this layer's entry in a KVCache
         self.window: int | None = None  # set by the model on sliding-window layers (cfg.windowed_layers)
@@ -175,9 +199,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, hidden: int, ffn_hidden: int):
         super().__init__()
-        self.w_gate = nn.Linear(hidden, ffn_hidden, bias=False)
-        self.w_up = nn.Linear(hidden, ffn_hidden, bias=False)
-        self.w_down = nn.Linear(ffn_hidden, hidden, bias=False)
+        self.w_gate = Linear(hidden, ffn_hidden, bias=False)
+        self.w_up = Linear(hidden, ffn_hidden, bias=False)
+        self.w_down = Linear(ffn_hidden, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))

@@ -22,7 +22,7 @@ from .comm import Communicator, LocalComm, SyncPlan
 from .config import ModelConfig
 from .dtp import DTPStack, final_norm, lane_head_logits
 from .kv_cache import KVCache, StaticKVCache
-from .layers import DecoderLayer, RotaryEmbedding, residual_std
+from .layers import DecoderLayer, Embedding, Linear, RotaryEmbedding, local, residual_std
 from .schedules import KrakenBlock, LadderStack, ParallelLayer
 from .sizing import head_in_width
 from .tp_block import TPBlock
@@ -33,11 +33,11 @@ class TransformerLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.comm = comm if comm is not None else LocalComm()
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.tok_embeddings = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.rope = self._rope(cfg.head_dim)
         self.stages = nn.ModuleList(self._build_stages(cfg))
         self.norm = final_norm(cfg)
-        self.output = nn.Linear(head_in_width(cfg), cfg.vocab_size, bias=False)
+        self.output = Linear(head_in_width(cfg), cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self._assign_cache_slots()
@@ -102,7 +102,7 @@ class TransformerLM(nn.Module):
         """True when the head yields vocabulary shards: ``shard_model(..., vocab_parallel_head=True)``, or a DTP
         model with ``lm_head_type="vocab_parallel"`` (in one process its one shard is the whole vocabulary)."""
         lane_vocab = self.cfg.arch == "dtp" and self.cfg.lm_head_type == "vocab_parallel"
-        return lane_vocab or self.output.weight.shape[0] != self.cfg.vocab_size
+        return lane_vocab or local(self.output.weight).shape[0] != self.cfg.vocab_size
 
     def forward(
         self, tokens_bs: torch.Tensor, cache: KVCache | None = None, gather_logits: bool = True
@@ -150,7 +150,7 @@ class TransformerLM(nn.Module):
 
     def num_parameters(self) -> int:
         """Parameters held by this process, embeddings included, tied weights counted once."""
-        return sum(p.numel() for p in self.parameters())
+        return sum(local(p).numel() for p in self.parameters())
 
 
 def sync_plan(cfg: ModelConfig, vocab_parallel_head: bool = False) -> SyncPlan:

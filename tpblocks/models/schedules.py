@@ -23,7 +23,7 @@ from .comm import Communicator, SyncPlan
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .lanes import LaneLayer
-from .layers import Attention, FeedForward, RMSNorm, RotaryEmbedding
+from .layers import Attention, FeedForward, Linear, RMSNorm, RotaryEmbedding
 
 
 class ParallelLayer(nn.Module):
@@ -93,7 +93,7 @@ class KrakenBlock(nn.Module):
             )  # fmt: skip
             for _ in range(cfg.n_layers)
         )
-        self.proj = nn.Linear(cfg.lane_count * h, h, bias=False)
+        self.proj = Linear(cfg.lane_count * h, h, bias=False)
 
     @staticmethod
     def sync_plan(cfg: ModelConfig) -> SyncPlan:

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..models.layers import local
+
 
 def _env_int(*names: str) -> int | None:
     for name in names:
@@ -100,7 +102,8 @@ def all_reduce_gradients(model: nn.Module, group=None, average: bool = True) -> 
     world = dist.get_world_size(group)
     if world == 1:
         return
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    # A DTensor gradient (a lane shard, ``shard_model``) is summed over dp as its local tensor (same storage).
+    grads = [local(p.grad) for p in model.parameters() if p.grad is not None]
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for g in grads:
         by_dtype.setdefault(g.dtype, []).append(g)

@@ -128,7 +128,12 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: RunConfig, device: to
     if dims.lane_enabled:
         par.mesh = dims.mesh
         vocab_parallel = cfg.parallel.vocab_parallel_head
-        model = par.module = par.forward = shard_model(model, MeshComm(dims.mesh), vocab_parallel_head=vocab_parallel)
+        # Data parallelism over DTensor lane shards is not wired yet (DDP takes no DTensors; FSDP2 would make them
+        # 2-D): a dp axis gets plain local shards.
+        plain = dims.dp_enabled or backend != "ddp" or dims.layer_parallel
+        model = par.module = par.forward = shard_model(
+            model, MeshComm(dims.mesh), vocab_parallel_head=vocab_parallel, lane_dtensors=not plain
+        )
         par.notes.append(f"lane parallel: dp {dims.dp} x lane {dims.lane} (micro-batches counted per dp replica)")
     if dims.layer_parallel:
         from .mgrit import apply_layer_parallel

@@ -35,7 +35,7 @@ import weakref
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from ..models.comm import Communicator
 from ..models.layers import Attention, DecoderLayer, FeedForward
@@ -217,6 +217,60 @@ def _tp_enter_hook(model_ref: weakref.ref):
     return hook
 
 
+# ---------------------------------------------------------------------------------------------- DTensor parameters
+def _even_shard_dim(name: str, param: torch.Tensor, spec: ShardSpec, rank: int) -> int | None:
+    """The dim along which ``name`` is an even, in-order chunk (rows ``[r n, (r + 1) n)`` on rank r), else None."""
+    dim, index = spec[name]
+    n = param.shape[dim]
+    return dim if torch.equal(index.cpu(), torch.arange(rank * n, (rank + 1) * n)) else None
+
+
+def _lane_placement(name: str, param: torch.Tensor, model: TransformerLM, rank: int):
+    """DTensor placement of parameter ``name`` on the lane mesh, or None to keep it a plain local tensor.
+
+    Plain stay the parameters that are no even shard of one full tensor and carry their own gradient hook
+    (``model.lane_grad_hooks``): replicated KV heads (``model.shard_copies``, several ranks hold the same rows)
+    and the norms every lane shares, whose local gradient is a partial sum the hook adds up over the lane group.
+    """
+    if name in model.lane_grad_hooks or name in model.shard_copies:
+        return None
+    if name not in model.shard_spec:
+        return Replicate()
+    dim = _even_shard_dim(name, param, model.shard_spec, rank)
+    return Shard(dim) if dim is not None else None
+
+
+def as_lane_dtensors_(model: TransformerLM, comm) -> None:
+    """Make every parameter of a sharded model a DTensor on the lane mesh where it is one (``_lane_placement``):
+    lane-stacked weights ``Shard(0)``, gates ``Shard(1)``, column-parallel ``Shard(0)``, row-parallel ``Shard(1)``,
+    the vocabulary-parallel head ``Shard(0)``, replicated ones ``Replicate()``. Same storage; the model computes
+    on ``to_local()`` (``tpblocks.models.layers.local``). Tied parameters stay tied (one DTensor for both)."""
+    made: dict[int, nn.Parameter] = {}
+    for name, param in model.named_parameters():
+        placement = _lane_placement(name, param, model, comm.lane_rank)
+        if placement is not None:
+            shard = DTensor.from_local(param.detach(), comm.mesh, [placement], run_check=False)
+            made[id(param)] = nn.Parameter(shard, requires_grad=param.requires_grad)
+    for module in model.modules():
+        for key, param in module._parameters.items():
+            if param is not None and id(param) in made:
+                module._parameters[key] = made[id(param)]
+
+
+@torch.no_grad()
+def local_parameters_(model: nn.Module) -> nn.Module:
+    """Swap every DTensor parameter of ``model`` for a plain one holding its local tensor (same storage, no grad):
+    what a compiled, frozen decode graph must see. The model is then for inference only. Returns it."""
+    made: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for key, param in module._parameters.items():
+            if isinstance(param, DTensor):
+                if id(param) not in made:
+                    made[id(param)] = nn.Parameter(param.to_local(), requires_grad=False)
+                module._parameters[key] = made[id(param)]
+    return model
+
+
 # ---------------------------------------------------------------------------------------------- gathering
 @torch.no_grad()
 def unshard_state_dict(model: TransformerLM) -> dict[str, torch.Tensor]:
@@ -233,10 +287,12 @@ def unshard_state_dict(model: TransformerLM) -> dict[str, torch.Tensor]:
         return {k: v.clone() for k, v in state.items()}
     full: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
-        if name not in spec:
+        if isinstance(tensor, DTensor):
+            full[name] = tensor.full_tensor().clone()  # a Replicate one would share the parameter's storage
+        elif name not in spec:
             full[name] = tensor.clone()
-            continue
-        full[name] = gather_full(tensor, *spec[name], comm.group)
+        else:  # a plain shard (replicated KV heads): gathered by its index
+            full[name] = gather_full(tensor, *spec[name], comm.group)
     return full
 
 
@@ -284,8 +340,62 @@ def _dp_rows(grad: DTensor) -> tuple[torch.Tensor, int]:
     return grad.to_local(), min(grad.device_mesh.get_local_rank() * per_rank, grad.shape[0])
 
 
+def _plain_grad_sq(model: TransformerLM, grads: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of squares of the plain (non-DTensor) gradients over the lane group, each replicated KV head once.
+
+    These are the parameters ``as_lane_dtensors_`` leaves plain: replicated KV rows (several ranks hold them:
+    weighted by ``model.shard_copies``) and lane-shared norms (equal on every rank after their hook: counted once).
+    """
+    spec, copies, comm = model.shard_spec, model.shard_copies, model.comm
+    device = next(iter(grads.values())).device
+    shared = torch.zeros((), dtype=torch.float32, device=device)
+    split = torch.zeros((), dtype=torch.float32, device=device)
+    for name, grad in grads.items():
+        sq = grad.detach().float().pow(2)
+        if name in copies:
+            shape = [1] * sq.dim()
+            shape[spec[name][0]] = -1
+            split += (sq / copies[name].to(device=device, dtype=sq.dtype).view(shape)).sum()
+        else:
+            shared += sq.sum()
+    if split.item() != 0.0 and getattr(comm, "distributed", False):
+        dist.all_reduce(split, group=comm.group)
+    return shared + split
+
+
 @torch.no_grad()
 def clip_grad_norm_(model: TransformerLM, max_norm: float | None, dp_group=None) -> float:
+    """Global L2 norm of the gradients of a sharded model, the same on every rank; clips when ``max_norm`` is set.
+
+    ``torch.nn.utils.clip_grad_norm_`` over a rank's plain shards sees only its lanes/shards, so each lane rank
+    would clip by a different factor. The DTensor gradients (``as_lane_dtensors_``) go to torch's
+    ``get_total_norm``, which sums ``Shard`` parts over the lane mesh and counts ``Replicate`` ones once; the few
+    plain ones are added by hand (``_plain_grad_sq``). Call it after the data-parallel gradient average.
+    ``dp_group``: FSDP2 dp shards (``_clip_fsdp_grad_norm_``).
+    """
+    if dp_group is not None:
+        return _clip_fsdp_grad_norm_(model, max_norm, dp_group)
+    named = [(name, p) for name, p in model.named_parameters() if p.grad is not None]
+    if not named:
+        return 0.0
+    lane = [p.grad for _, p in named if isinstance(p.grad, DTensor)]
+    plain = {name: p.grad for name, p in named if not isinstance(p.grad, DTensor)}
+    sq = torch.zeros(())
+    if lane:
+        norm = torch.nn.utils.get_total_norm(lane, 2.0)
+        sq = (norm.full_tensor() if isinstance(norm, DTensor) else norm).float().pow(2)
+    if plain:
+        sq = sq.to(next(iter(plain.values())).device) + _plain_grad_sq(model, plain)
+    total = sq.sqrt()
+    if max_norm is not None and max_norm > 0:
+        for grads in (lane, list(plain.values())):  # DTensor and plain gradients cannot share a foreach call
+            if grads:
+                torch.nn.utils.clip_grads_with_norm_(grads, max_norm, total.to(grads[0].device))
+    return float(total)
+
+
+@torch.no_grad()
+def _clip_fsdp_grad_norm_(model: TransformerLM, max_norm: float | None, dp_group) -> float:
     """Global L2 norm of the gradients of a sharded model, the same on every rank; clips when ``max_norm`` is set.
 
     ``torch.nn.utils.clip_grad_norm_`` on a shard sees only this rank's lanes/shards, so each lane rank would

@@ -14,7 +14,7 @@ from ..models.layers import DecoderLayer
 from ..models.model import TransformerLM
 from ..models.tp_block import TPBlock
 from .dims import check_lane_degree, check_vocab_parallel_head
-from .placement import Copies, ShardSpec, _shard_classic, _shard_tp_block, _take, _tp_enter_hook
+from .placement import Copies, ShardSpec, _shard_classic, _shard_tp_block, _take, _tp_enter_hook, as_lane_dtensors_
 from .schedule_placement import shard_dtp_head, shard_schedule_stage
 
 
@@ -32,12 +32,16 @@ def _shard_head(model: TransformerLM, rank: int, world: int, spec: ShardSpec) ->
     spec["output.weight"] = (0, rows)
 
 
-def shard_model(model: TransformerLM, comm: Communicator, *, vocab_parallel_head: bool = False) -> TransformerLM:
+def shard_model(
+    model: TransformerLM, comm: Communicator, *, vocab_parallel_head: bool = False, lane_dtensors: bool = True
+) -> TransformerLM:
     """Keep this rank's lanes / shards of a full model (in place) and attach ``comm``. Returns the model.
 
     Start from the *same* full weights on every rank of the lane group (same seed or the same checkpoint):
     each rank slices its share, so the sharded forward equals the single-process one. ``vocab_parallel_head``
-    also splits the output projection by vocabulary rows (module doc).
+    also splits the output projection by vocabulary rows (module doc). ``lane_dtensors``: make the parameters
+    DTensors on the lane mesh (``as_lane_dtensors_``); False keeps plain local shards (what DDP and FSDP2 on a dp
+    axis are still given, ``tpblocks.parallel.parallelize``).
     """
     if getattr(model, "shard_spec", None) is not None:
         raise ValueError("this model is already sharded; shard a fresh full model")
@@ -72,4 +76,6 @@ def shard_model(model: TransformerLM, comm: Communicator, *, vocab_parallel_head
     model.shard_spec = spec
     model.shard_copies = copies
     model.comm = comm
+    if lane_dtensors and world > 1 and getattr(comm, "mesh", None) is not None:  # not a test's stand-in comm
+        as_lane_dtensors_(model, comm)
     return model

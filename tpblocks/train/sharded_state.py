@@ -69,6 +69,14 @@ def _as_dtensor(local: torch.Tensor, dim: int, index: torch.Tensor, mesh: Device
     return DTensor.from_local(local, mesh, [Replicate(), Shard(dim)], run_check=False, shape=shape, stride=stride)
 
 
+def _lane_local(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor on the 1-D lane mesh (``shard_model``'s parameters and their optimizer state) as its local tensor
+    (same storage): DCP gets it as the (dp, lane) DTensor below, whatever the layout. FSDP2's dp DTensors pass."""
+    if isinstance(tensor, DTensor) and tensor.device_mesh.mesh_dim_names == ("lane",):
+        return tensor.to_local()
+    return tensor
+
+
 class ShardMap:
     """How this rank's tensors sit in the full ones: the model's ``shard_spec`` and the (dp, lane) mesh."""
 
@@ -80,6 +88,7 @@ class ShardMap:
 
     def to_save(self, name: str, local: torch.Tensor) -> torch.Tensor:
         """What DCP writes for parameter ``name`` (or a tensor shaped like it): whole, a DTensor, or gathered."""
+        local = _lane_local(local)
         if name not in self.spec:
             return local
         if isinstance(local, DTensor):  # FSDP2's dp shard of this lane rank's shard
@@ -91,6 +100,7 @@ class ShardMap:
 
     def to_load(self, name: str, local: torch.Tensor, full_shape: torch.Size) -> torch.Tensor:
         """The tensor DCP reads into for ``name``: ``local`` itself (its storage, in place) where it can."""
+        local = _lane_local(local)
         if name not in self.spec:
             return local
         if name in self.copies:
@@ -102,6 +112,7 @@ class ShardMap:
     @torch.no_grad()
     def settle(self, name: str, local: torch.Tensor, loaded: torch.Tensor) -> None:
         """After the read: put what ``to_load`` did not read in place into ``local``."""
+        local = _lane_local(local)
         if name not in self.spec:
             return
         lane_shard = local_slice(loaded, self.spec, name) if name in self.copies else loaded.to_local()
