@@ -81,6 +81,9 @@ class LaneLayer(nn.Module):
         self.eps = eps
         self.rope = rope
         self.lane_offset = lane_offset  # global index of this module's first lane
+        # Lanes held here (placement sets it when it cuts them): not read off a weight's shape, which is the global
+        # one for a DTensor lane shard and a dp shard's under FSDP2.
+        self.n_lanes = lanes
         self.burger_write = out_size != width
         e = self.head_dim
         norm_shape = (width,) if shared_norms else (lanes, width)
@@ -98,7 +101,7 @@ class LaneLayer(nn.Module):
 
     @property
     def lanes(self) -> int:
-        return local(self.wq).shape[0]
+        return self.n_lanes
 
     def kv_cache_shape(self, batch: int) -> tuple[int, int, int]:
         """(lanes x batch, KV heads, head dim): lanes fold into the batch axis of the cache, as in ``attention``."""

@@ -102,7 +102,7 @@ class TransformerLM(nn.Module):
         """True when the head yields vocabulary shards: ``shard_model(..., vocab_parallel_head=True)``, or a DTP
         model with ``lm_head_type="vocab_parallel"`` (in one process its one shard is the whole vocabulary)."""
         lane_vocab = self.cfg.arch == "dtp" and self.cfg.lm_head_type == "vocab_parallel"
-        return lane_vocab or local(self.output.weight).shape[0] != self.cfg.vocab_size
+        return lane_vocab or self.output.out_features != self.cfg.vocab_size  # placement sets out_features
 
     def forward(
         self, tokens_bs: torch.Tensor, cache: KVCache | None = None, gather_logits: bool = True

@@ -143,7 +143,7 @@ def _shard_lanes(
     offset = int(index[0])
     block.lane_offset = offset
     for i, layer in enumerate(block.layers):
-        layer.lane_offset = offset
+        layer.lane_offset, layer.n_lanes = offset, len(index)
         for name, param in list(layer.named_parameters(recurse=False)):
             if param.dim() == 1:
                 if model_ref is None:
@@ -343,8 +343,9 @@ def _dp_rows(grad: DTensor) -> tuple[torch.Tensor, int]:
 def _plain_grad_sq(model: TransformerLM, grads: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum of squares of the plain (non-DTensor) gradients over the lane group, each replicated KV head once.
 
-    These are the parameters ``as_lane_dtensors_`` leaves plain: replicated KV rows (several ranks hold them:
-    weighted by ``model.shard_copies``) and lane-shared norms (equal on every rank after their hook: counted once).
+    Shards (in ``model.shard_spec``) are summed over the lane group, replicated KV rows weighted by how many ranks
+    hold them (``model.shard_copies``); the rest is equal on every rank (lane-shared norms after their hook) and
+    counts once. Plain are what ``as_lane_dtensors_`` leaves so, or every shard under ``lane_dtensors=False``.
     """
     spec, copies, comm = model.shard_spec, model.shard_copies, model.comm
     device = next(iter(grads.values())).device
@@ -356,6 +357,8 @@ def _plain_grad_sq(model: TransformerLM, grads: dict[str, torch.Tensor]) -> torc
             shape = [1] * sq.dim()
             shape[spec[name][0]] = -1
             split += (sq / copies[name].to(device=device, dtype=sq.dtype).view(shape)).sum()
+        elif name in spec:
+            split += sq.sum()
         else:
             shared += sq.sum()
     if split.item() != 0.0 and getattr(comm, "distributed", False):
@@ -388,9 +391,11 @@ def clip_grad_norm_(model: TransformerLM, max_norm: float | None, dp_group=None)
         sq = sq.to(next(iter(plain.values())).device) + _plain_grad_sq(model, plain)
     total = sq.sqrt()
     if max_norm is not None and max_norm > 0:
-        for grads in (lane, list(plain.values())):  # DTensor and plain gradients cannot share a foreach call
-            if grads:
-                torch.nn.utils.clip_grads_with_norm_(grads, max_norm, total.to(grads[0].device))
+        # torch's clip takes the parameters (it reads ``.grad``); DTensor and plain ones cannot share a foreach call.
+        for dtensors in (True, False):
+            params = [p for _, p in named if isinstance(p.grad, DTensor) == dtensors]
+            if params:
+                torch.nn.utils.clip_grads_with_norm_(params, max_norm, total.to(params[0].device))
     return float(total)
 
 
