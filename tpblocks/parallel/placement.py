@@ -26,6 +26,12 @@ calls these, and ``schedule_placement.py``'s for the other schedules), from outs
 Every sharded parameter records where it came from in ``model.shard_spec[name] = (dim, index)`` (indices into
 the full tensor along ``dim``), which tests use to compare gradients and ``unshard_state_dict`` uses to gather
 a full checkpoint back.
+
+Then (``as_lane_dtensors_``, unless ``shard_model(lane_dtensors=False)``) every parameter that is an even,
+in-order shard becomes a DTensor on the lane mesh, ``Shard(dim)``, and every replicated one ``Replicate()``;
+the model computes on their local tensors (``tpblocks.models.layers.local``). Replicated KV rows and lane-shared
+norms stay plain local tensors with their gradient hooks. ``clip_grad_norm_`` leaves the DTensor gradients to
+torch's ``get_total_norm`` and adds the plain ones by hand.
 """
 
 from __future__ import annotations
