@@ -30,8 +30,9 @@ a full checkpoint back.
 Then (``as_lane_dtensors_``, unless ``shard_model(lane_dtensors=False)``) every parameter that is an even,
 in-order shard becomes a DTensor on the lane mesh, ``Shard(dim)``, and every replicated one ``Replicate()``;
 the model computes on their local tensors (``tpblocks.models.layers.local``). Replicated KV rows and lane-shared
-norms stay plain local tensors with their gradient hooks. ``clip_grad_norm_`` leaves the DTensor gradients to
-torch's ``get_total_norm`` and adds the plain ones by hand.
+norms stay plain local tensors with their gradient hooks. ``clip_grad_norm_`` sums squares of every gradient's local
+part by the same rules for DTensors and plain ones (torch's ``get_total_norm`` would not do the same: it accumulates
+in fp32 and cannot count a replicated KV head once).
 """
 
 from __future__ import annotations
@@ -338,82 +339,32 @@ def local_slice(full: torch.Tensor, spec: ShardSpec, name: str) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- gradient norm
-def _dp_rows(grad: DTensor) -> tuple[torch.Tensor, int]:
-    """The local rows of an FSDP2 gradient (``Shard(0)`` over the dp mesh) and the index of the first one:
-    FSDP2 cuts dim 0 as ``torch.chunk`` does (ceil(n / dp) rows a rank, the last ones short or empty)."""
-    assert tuple(grad.placements) == (Shard(0),), f"not an FSDP2 dim-0 shard: {grad.placements}"
+def _local_rows(grad: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """This rank's part of a gradient and, for an FSDP2 dp shard, the index of its first row.
+
+    A lane DTensor's local part is the lane shard a plain parameter held before. An FSDP2 gradient is
+    ``Shard(0)`` over the ``dp`` mesh (``_StridedShard(0)`` beside a lane placement on the (dp, lane) mesh);
+    FSDP2 cuts dim 0 as ``torch.chunk`` does (ceil(n / dp) rows a rank, the last ones short or empty). Only a
+    plain shard (replicated KV heads) needs the first row, to weigh its rows by ``model.shard_copies``.
+    """
+    if not isinstance(grad, DTensor):
+        return grad, 0
+    if grad.device_mesh.mesh_dim_names != ("dp",):
+        return grad.to_local(), 0
     per_rank = -(-grad.shape[0] // grad.device_mesh.size())
     return grad.to_local(), min(grad.device_mesh.get_local_rank() * per_rank, grad.shape[0])
-
-
-def _plain_grad_sq(model: TransformerLM, grads: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of squares of the plain (non-DTensor) gradients over the lane group, each replicated KV head once.
-
-    Shards (in ``model.shard_spec``) are summed over the lane group, replicated KV rows weighted by how many ranks
-    hold them (``model.shard_copies``); the rest is equal on every rank (lane-shared norms after their hook) and
-    counts once. Plain are what ``as_lane_dtensors_`` leaves so, or every shard under ``lane_dtensors=False``.
-    """
-    spec, copies, comm = model.shard_spec, model.shard_copies, model.comm
-    device = next(iter(grads.values())).device
-    shared = torch.zeros((), dtype=torch.float32, device=device)
-    split = torch.zeros((), dtype=torch.float32, device=device)
-    for name, grad in grads.items():
-        sq = grad.detach().float().pow(2)
-        if name in copies:
-            shape = [1] * sq.dim()
-            shape[spec[name][0]] = -1
-            split += (sq / copies[name].to(device=device, dtype=sq.dtype).view(shape)).sum()
-        elif name in spec:
-            split += sq.sum()
-        else:
-            shared += sq.sum()
-    if split.item() != 0.0 and getattr(comm, "distributed", False):
-        dist.all_reduce(split, group=comm.group)
-    return shared + split
 
 
 @torch.no_grad()
 def clip_grad_norm_(model: TransformerLM, max_norm: float | None, dp_group=None) -> float:
     """Global L2 norm of the gradients of a sharded model, the same on every rank; clips when ``max_norm`` is set.
 
-    ``torch.nn.utils.clip_grad_norm_`` over a rank's plain shards sees only its lanes/shards, so each lane rank
-    would clip by a different factor. The DTensor gradients (``as_lane_dtensors_``) go to torch's
-    ``get_total_norm``, which sums ``Shard`` parts over the lane mesh and counts ``Replicate`` ones once; the few
-    plain ones are added by hand (``_plain_grad_sq``). Call it after the data-parallel gradient average.
-    ``dp_group``: FSDP2 dp shards (``_clip_fsdp_grad_norm_``).
-    """
-    if dp_group is not None:
-        return _clip_fsdp_grad_norm_(model, max_norm, dp_group)
-    named = [(name, p) for name, p in model.named_parameters() if p.grad is not None]
-    if not named:
-        return 0.0
-    lane = [p.grad for _, p in named if isinstance(p.grad, DTensor)]
-    plain = {name: p.grad for name, p in named if not isinstance(p.grad, DTensor)}
-    sq = torch.zeros(())
-    if lane:
-        norm = torch.nn.utils.get_total_norm(lane, 2.0)
-        sq = (norm.full_tensor() if isinstance(norm, DTensor) else norm).float().pow(2)
-    if plain:
-        sq = sq.to(next(iter(plain.values())).device) + _plain_grad_sq(model, plain)
-    total = sq.sqrt()
-    if max_norm is not None and max_norm > 0:
-        # torch's clip takes the parameters (it reads ``.grad``); DTensor and plain ones cannot share a foreach call.
-        for dtensors in (True, False):
-            params = [p for _, p in named if isinstance(p.grad, DTensor) == dtensors]
-            if params:
-                torch.nn.utils.clip_grads_with_norm_(params, max_norm, total.to(params[0].device))
-    return float(total)
-
-
-@torch.no_grad()
-def _clip_fsdp_grad_norm_(model: TransformerLM, max_norm: float | None, dp_group) -> float:
-    """Global L2 norm of the gradients of a sharded model, the same on every rank; clips when ``max_norm`` is set.
-
     ``torch.nn.utils.clip_grad_norm_`` on a shard sees only this rank's lanes/shards, so each lane rank would
     clip by a different factor and the replicas would drift apart. Here replicated parameters count once,
-    sharded ones are summed over the lane group (each replicated KV head once), in one all-reduce. Call it
-    after the data-parallel gradient average (dp replicas then hold equal gradients). ``dp_group``: the
-    gradients are FSDP2 dp shards (DTensors); their squares are summed over that group first.
+    sharded ones are summed over the lane group (each replicated KV head once), in one all-reduce, in float64.
+    What counts where is read off ``model.shard_spec`` by name, so a DTensor gradient counts as its plain shard did
+    (its local part, ``_local_rows``). Call it after the data-parallel gradient average (dp replicas then hold
+    equal gradients). ``dp_group``: the gradients are FSDP2 dp shards; their squares are summed over it first.
     """
     spec: ShardSpec = getattr(model, "shard_spec", None) or {}
     copies: Copies = getattr(model, "shard_copies", None) or {}
@@ -425,7 +376,8 @@ def _clip_fsdp_grad_norm_(model: TransformerLM, max_norm: float | None, dp_group
     replicated = torch.zeros((), dtype=torch.float64, device=device)
     sharded = torch.zeros((), dtype=torch.float64, device=device)
     for name, g in grads.items():
-        g, first_row = _dp_rows(g) if isinstance(g, DTensor) else (g, 0)
+        g, first_row = _local_rows(g)
+        grads[name] = g  # clipped in place below: a DTensor's local part is its storage
         sq = g.detach().double().pow(2)
         if name not in spec:
             replicated += sq.sum()
