@@ -128,9 +128,9 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: RunConfig, device: to
     if dims.lane_enabled:
         par.mesh = dims.mesh
         vocab_parallel = cfg.parallel.vocab_parallel_head
-        # Data parallelism over DTensor lane shards is not wired yet (DDP takes no DTensors; FSDP2 would make them
-        # 2-D): a dp axis gets plain local shards.
-        plain = dims.dp_enabled or backend != "ddp" or dims.layer_parallel
+        # Lane shards are DTensors on the lane mesh (FSDP2 shards them further over dp, on the (dp, lane) mesh),
+        # except where a wrapper takes only plain tensors: DDP over a dp axis, DeepSpeed, MGRIT.
+        plain = dims.layer_parallel or backend == "deepspeed" or (backend == "ddp" and dims.dp_enabled)
         model = par.module = par.forward = shard_model(
             model, MeshComm(dims.mesh), vocab_parallel_head=vocab_parallel, lane_dtensors=not plain
         )

@@ -69,12 +69,11 @@ def _as_dtensor(local: torch.Tensor, dim: int, index: torch.Tensor, mesh: Device
     return DTensor.from_local(local, mesh, [Replicate(), Shard(dim)], run_check=False, shape=shape, stride=stride)
 
 
-def _lane_local(tensor: torch.Tensor) -> torch.Tensor:
-    """A DTensor on the 1-D lane mesh (``shard_model``'s parameters and their optimizer state) as its local tensor
-    (same storage): DCP gets it as the (dp, lane) DTensor below, whatever the layout. FSDP2's dp DTensors pass."""
-    if isinstance(tensor, DTensor) and tensor.device_mesh.mesh_dim_names == ("lane",):
-        return tensor.to_local()
-    return tensor
+def _whole(tensor: torch.Tensor) -> bool:
+    """True for a DTensor of the whole tensor on a mesh with a lane dim: ``shard_model``'s lane DTensors and their
+    optimizer state, and FSDP2's dp shards of them on the (dp, lane) mesh. DCP reads and writes those as they are
+    (any layout can load what they wrote); only plain shards and FSDP2's 1-D dp ones need the map below."""
+    return isinstance(tensor, DTensor) and "lane" in (tensor.device_mesh.mesh_dim_names or ())
 
 
 class ShardMap:
@@ -88,8 +87,7 @@ class ShardMap:
 
     def to_save(self, name: str, local: torch.Tensor) -> torch.Tensor:
         """What DCP writes for parameter ``name`` (or a tensor shaped like it): whole, a DTensor, or gathered."""
-        local = _lane_local(local)
-        if name not in self.spec:
+        if name not in self.spec or _whole(local):
             return local
         if isinstance(local, DTensor):  # FSDP2's dp shard of this lane rank's shard
             local = local.full_tensor()
@@ -100,8 +98,7 @@ class ShardMap:
 
     def to_load(self, name: str, local: torch.Tensor, full_shape: torch.Size) -> torch.Tensor:
         """The tensor DCP reads into for ``name``: ``local`` itself (its storage, in place) where it can."""
-        local = _lane_local(local)
-        if name not in self.spec:
+        if name not in self.spec or _whole(local):
             return local
         if name in self.copies:
             return torch.empty(full_shape, dtype=local.dtype, device=local.device)  # ``settle`` copies it in
@@ -112,8 +109,7 @@ class ShardMap:
     @torch.no_grad()
     def settle(self, name: str, local: torch.Tensor, loaded: torch.Tensor) -> None:
         """After the read: put what ``to_load`` did not read in place into ``local``."""
-        local = _lane_local(local)
-        if name not in self.spec:
+        if name not in self.spec or _whole(local):
             return
         lane_shard = local_slice(loaded, self.spec, name) if name in self.copies else loaded.to_local()
         if isinstance(local, DTensor):
