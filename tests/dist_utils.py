@@ -115,7 +115,7 @@ def check_sharded_parity(
     ref = full(tokens)
     F.cross_entropy(ref.flatten(0, 1), targets.flatten()).backward()
 
-    model = shard_model(copy.deepcopy(full), comm)
+    model = shard_model(copy.deepcopy(full), comm, lane_dtensors=True)  # as training shards it
     model.zero_grad(set_to_none=True)
     if check_shards is not None:
         check_shards(model)

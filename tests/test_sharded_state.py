@@ -37,11 +37,12 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 def _trained(cfg, comm=None):
-    """The model (sharded over ``comm`` if given) and its optimizer after one AdamW step on fixed tokens."""
+    """The model (sharded over ``comm`` if given, as training shards it: DTensor lane shards) and its optimizer after
+    one AdamW step on fixed tokens."""
     torch.manual_seed(0)
     model = build_model(cfg)
     if comm is not None:
-        model = shard_model(model, comm)
+        model = shard_model(model, comm, lane_dtensors=True)
     optimizer = build_optimizer(model, OptimConfig())
     gen = torch.Generator().manual_seed(3)
     tokens = torch.randint(0, cfg.vocab_size, (2, 12), generator=gen)

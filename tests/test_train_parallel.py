@@ -65,7 +65,7 @@ def test_lane_parallel_two_ranks_equals_one_process(model, tiny_data, tmp_path, 
     lane_dir, one_dir = tmp_path / "lane2", tmp_path / "one"
     proc = launch(tiny_overrides(tiny_data, lane_dir, **extra, **{"parallel.lane": 2}), nproc=2)
     assert proc.returncode == 0, _why(proc)
-    assert "lane parallel: dp 1 x lane 2" in proc.stderr
+    assert "lane parallel: dp 1 x lane 2" in proc.stderr and "DTensor lane shards" in proc.stderr
     run(compose(tiny_overrides(tiny_data, one_dir, **extra)))
     summary = read_summary(lane_dir)
     assert summary["status"] == "completed" and summary["parallel"] == {"dp": 1, "lane": 2}

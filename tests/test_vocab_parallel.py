@@ -22,7 +22,6 @@ def _full(flavor: str):
 
 
 def _decode_checks(rank: int, world: int) -> None:
-    from tpblocks.models.layers import local
     from tpblocks.parallel import MeshComm, ParallelDims, shard_model
 
     mesh = ParallelDims(dp=1, lane=world, world_size=world).build_mesh("cpu")
@@ -31,7 +30,7 @@ def _decode_checks(rank: int, world: int) -> None:
         full = _full(flavor)
         comm = MeshComm(mesh)
         model = shard_model(copy.deepcopy(full), comm, vocab_parallel_head=True)
-        assert model.vocab_parallel and local(model.output.weight).shape[0] == 256 // world
+        assert model.vocab_parallel and model.output.weight.shape[0] == 256 // world
         with torch.no_grad():
             torch.testing.assert_close(model(prompt), full(prompt), rtol=RTOL, atol=ATOL)
         want = DecodeEngine(full, batch=2, max_seq_len=40).generate(prompt, 30)
@@ -60,7 +59,6 @@ def test_vocab_parallel_decode_on_two_ranks_equals_replicated_head():
 
 
 def _training_checks(rank: int, world: int) -> None:
-    from tpblocks.models.layers import local
     from tpblocks.parallel import MeshComm, ParallelDims, local_slice, shard_model, vocab_parallel_cross_entropy
 
     mesh = ParallelDims(dp=1, lane=world, world_size=world).build_mesh("cpu")
@@ -83,7 +81,7 @@ def _training_checks(rank: int, world: int) -> None:
         grads = dict(full.named_parameters())
         for name, p in model.named_parameters():
             expected = local_slice(grads[name].grad, model.shard_spec, name)
-            torch.testing.assert_close(local(p.grad), expected, rtol=RTOL, atol=ATOL, msg=lambda m, n=name: f"{n}: {m}")
+            torch.testing.assert_close(p.grad, expected, rtol=RTOL, atol=ATOL, msg=lambda m, n=name: f"{n}: {m}")
         opt_full.step()
         opt.step()
 

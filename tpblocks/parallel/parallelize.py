@@ -3,16 +3,16 @@
 Every rank builds the same full model from the seed; ``parallelize`` then places it, in this order:
 
 1. lane sharding (``dims.lane > 1``): ``shard_model`` with a ``MeshComm`` on the ``lane`` mesh (TP-block lanes,
-   Megatron shards of classic layers);
+   Megatron shards of classic layers), the shards DTensors on that mesh (plain under DDP over a dp axis);
 2. layer parallelism (``dims.layer_parallel``): ``apply_layer_parallel`` runs the layer stack by MGRIT;
 3. data parallelism over ``dp``, by ``trainer.backend``:
    * ``ddp``: torch DDP over the dp group (with lanes, each lane rank's dp peers hold the same shards); under
      MGRIT nothing (every rank already holds the full gradient);
    * ``fsdp``: FSDP2 ``fully_shard`` on the ``dp`` sub-mesh, per stage then the root (bf16 gathers when the
-     run computes in bf16, ``TrainConfig.bf16_on``; fp32 master weights and reductions). Lane shards are plain
-     local tensors, so FSDP shards them further over dp. ``fully_shard`` replaces the parameter objects and with
-     them the lane gradient hooks of ``shard_model``; ``sync_grads`` applies those hooks to the dp-reduced
-     gradients instead;
+     run computes in bf16, ``TrainConfig.bf16_on``; fp32 master weights and reductions). FSDP shards the lane
+     DTensors further over dp (2-D DTensors on the (dp, lane) mesh). ``fully_shard`` replaces the parameter
+     objects and with them the lane gradient hooks of ``shard_model`` (on the parameters left plain: replicated
+     KV heads, lane-shared norms); ``sync_grads`` applies those hooks to the dp-reduced gradients instead;
    * ``deepspeed``: nothing here; the engine (``tpblocks.train.distributed``) wraps the placed model;
 4. ``torch.compile`` of the forward (``train.compile``; DeepSpeed has its own).
 
@@ -129,12 +129,14 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: RunConfig, device: to
         par.mesh = dims.mesh
         vocab_parallel = cfg.parallel.vocab_parallel_head
         # Lane shards are DTensors on the lane mesh (FSDP2 shards them further over dp, on the (dp, lane) mesh),
-        # except where a wrapper takes only plain tensors: DDP over a dp axis, DeepSpeed, MGRIT.
-        plain = dims.layer_parallel or backend == "deepspeed" or (backend == "ddp" and dims.dp_enabled)
+        # except under torch DDP over a dp axis, which takes no DTensor parameters. (Config refuses DeepSpeed with
+        # lanes; MGRIT runs have no lane axis.)
+        plain = backend == "ddp" and dims.dp_enabled
         model = par.module = par.forward = shard_model(
             model, MeshComm(dims.mesh), vocab_parallel_head=vocab_parallel, lane_dtensors=not plain
         )
-        par.notes.append(f"lane parallel: dp {dims.dp} x lane {dims.lane} (micro-batches counted per dp replica)")
+        shards = "plain lane shards (torch DDP takes no DTensors)" if plain else "DTensor lane shards"
+        par.notes.append(f"lane parallel: dp {dims.dp} x lane {dims.lane} (micro-batches per dp replica), {shards}")
     if dims.layer_parallel:
         from .mgrit import apply_layer_parallel
 

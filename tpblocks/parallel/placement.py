@@ -27,7 +27,7 @@ Every sharded parameter records where it came from in ``model.shard_spec[name] =
 the full tensor along ``dim``), which tests use to compare gradients and ``unshard_state_dict`` uses to gather
 a full checkpoint back.
 
-Then (``as_lane_dtensors_``, unless ``shard_model(lane_dtensors=False)``) every parameter that is an even,
+Then, for training (``shard_model(lane_dtensors=True)``, ``as_lane_dtensors_``), every parameter that is an even,
 in-order shard becomes a DTensor on the lane mesh, ``Shard(dim)``, and every replicated one ``Replicate()``;
 the model computes on their local tensors (``tpblocks.models.layers.local``). Replicated KV rows and lane-shared
 norms stay plain local tensors with their gradient hooks. ``clip_grad_norm_`` sums squares of every gradient's local

@@ -33,15 +33,16 @@ def _shard_head(model: TransformerLM, rank: int, world: int, spec: ShardSpec) ->
 
 
 def shard_model(
-    model: TransformerLM, comm: Communicator, *, vocab_parallel_head: bool = False, lane_dtensors: bool = True
+    model: TransformerLM, comm: Communicator, *, vocab_parallel_head: bool = False, lane_dtensors: bool = False
 ) -> TransformerLM:
     """Keep this rank's lanes / shards of a full model (in place) and attach ``comm``. Returns the model.
 
     Start from the *same* full weights on every rank of the lane group (same seed or the same checkpoint):
     each rank slices its share, so the sharded forward equals the single-process one. ``vocab_parallel_head``
     also splits the output projection by vocabulary rows (module doc). ``lane_dtensors``: make the parameters
-    DTensors on the lane mesh (``as_lane_dtensors_``); False keeps plain local shards (what DDP and FSDP2 on a dp
-    axis are still given, ``tpblocks.parallel.parallelize``).
+    DTensors on the lane mesh (``as_lane_dtensors_``), what training asks for (``tpblocks.parallel.parallelize``:
+    the optimizer, the norm, DCP and FSDP2 then see where each shard sits); the default keeps plain local shards,
+    what decoding and the analyses read (no DTensor dispatch per weight read), and what DDP over a dp axis takes.
     """
     if getattr(model, "shard_spec", None) is not None:
         raise ValueError("this model is already sharded; shard a fresh full model")
