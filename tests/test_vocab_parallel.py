@@ -22,6 +22,8 @@ def _full(flavor: str):
 
 
 def _decode_checks(rank: int, world: int) -> None:
+    from torch.distributed.tensor import DTensor
+
     from tpblocks.parallel import MeshComm, ParallelDims, shard_model
 
     mesh = ParallelDims(dp=1, lane=world, world_size=world).build_mesh("cpu")
@@ -29,13 +31,15 @@ def _decode_checks(rank: int, world: int) -> None:
     for flavor in FLAVORS:
         full = _full(flavor)
         comm = MeshComm(mesh)
-        model = shard_model(copy.deepcopy(full), comm, vocab_parallel_head=True)
-        assert model.vocab_parallel and model.output.weight.shape[0] == 256 // world
+        # Sharded as training shards it (DTensor parameters): the first engine swaps them for their local tensors.
+        model = shard_model(copy.deepcopy(full), comm, vocab_parallel_head=True, lane_dtensors=True)
+        assert isinstance(model.output.weight, DTensor) and model.output.weight.to_local().shape[0] == 256 // world
         with torch.no_grad():
             torch.testing.assert_close(model(prompt), full(prompt), rtol=RTOL, atol=ATOL)
         want = DecodeEngine(full, batch=2, max_seq_len=40).generate(prompt, 30)
-        for compiled in (False, True):
+        for compiled in (True, False):
             engine = DecodeEngine(model, batch=2, max_seq_len=40, compile=compiled)
+            assert not any(isinstance(p, DTensor) for p in model.parameters()), "a compiled graph would see DTensors"
             comm.counter.reset()
             got = engine.generate(prompt, 30)
             assert torch.equal(got, want), f"{flavor} compiled={compiled}: vocab-parallel greedy differs"
