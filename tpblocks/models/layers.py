@@ -23,8 +23,8 @@ from .kv_cache import KVCache, causal_mask
 
 
 def local(weight: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a weight: ``weight.to_local()`` when it is a DTensor (``tpblocks.parallel.shard_model``
-    makes sharded parameters DTensors on the lane mesh), else ``weight`` itself. The model computes on plain local
+    """This rank's part of a weight: ``weight.to_local()`` when it is a DTensor (training's lane shards,
+    ``tpblocks.parallel.shard_model(lane_dtensors=True)``), else ``weight`` itself. The model computes on plain local
     tensors and never imports torch.distributed (duck typing); torchtitan's MoE ``GroupedExperts.forward`` reads its
     stacked expert weights the same way (``self.w1.to_local()``). Autograd flows through ``to_local``: the gradient
     lands on the DTensor parameter with its placements."""
