@@ -53,10 +53,16 @@ def run_workers(fn, world: int = 2, args: tuple = ()) -> None:
 RTOL, ATOL = 1e-4, 2e-5  # fp32: only the summation order differs between 1 and 2 processes
 
 
-def same_on_all_ranks(t: torch.Tensor) -> bool:
-    """True if ``t`` is bit-identical on every rank of the default group."""
+def all_ranks(t: torch.Tensor) -> list[torch.Tensor]:
+    """``t`` of every rank of the default group, in rank order."""
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, t.contiguous())
+    return parts
+
+
+def same_on_all_ranks(t: torch.Tensor) -> bool:
+    """True if ``t`` is bit-identical on every rank of the default group."""
+    parts = all_ranks(t)
     return all(torch.equal(parts[0], p) for p in parts[1:])
 
 

@@ -4,14 +4,7 @@ the backward collectives ``comm.backward_counter`` counts): Megatron's f/g, the 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
-from dist_utils import run_workers
-
-
-def _all_ranks(t: torch.Tensor) -> list[torch.Tensor]:
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.contiguous())
-    return parts
+from dist_utils import all_ranks, run_workers
 
 
 def _grad_through(fn, x: torch.Tensor, upstream: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,7 +20,7 @@ def _worker(rank: int, world: int) -> None:
     comm = MeshComm()
     torch.manual_seed(10 + rank)  # different values per rank: a missing or extra sum shows
     x, up = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
-    total_x, total_up = sum(_all_ranks(x)), sum(_all_ranks(up))
+    total_x, total_up = sum(all_ranks(x)), sum(all_ranks(up))
 
     y, grad = _grad_through(comm.tp_enter, x, up)  # f: identity forward, all-reduce backward
     assert torch.equal(y, x) and torch.allclose(grad, total_up)
@@ -35,7 +28,7 @@ def _worker(rank: int, world: int) -> None:
     assert torch.allclose(y, total_x) and torch.equal(grad, up)
     up_wide = torch.randn(2, 3, 4 * world)
     y, grad = _grad_through(comm.lane_gather, x, up_wide)  # gather: this rank's slice of the gradient back
-    assert torch.equal(y, torch.cat(_all_ranks(x), dim=-1))
+    assert torch.equal(y, torch.cat(all_ranks(x), dim=-1))
     assert torch.equal(grad, up_wide[..., rank * 4 : (rank + 1) * 4])
     y, grad = _grad_through(lambda t: comm.lane_sum_start(t[None]).wait(), x, up)  # delayed sum: f's backward
     assert torch.allclose(y, total_x) and torch.allclose(grad, total_up)

@@ -225,11 +225,10 @@ def _tp_enter_hook(model_ref: weakref.ref):
 
 
 # ---------------------------------------------------------------------------------------------- DTensor parameters
-def _even_shard_dim(name: str, param: torch.Tensor, spec: ShardSpec, rank: int) -> int | None:
-    """The dim along which ``name`` is an even, in-order chunk (rows ``[r n, (r + 1) n)`` on rank r), else None."""
-    dim, index = spec[name]
-    n = param.shape[dim]
-    return dim if torch.equal(index.cpu(), torch.arange(rank * n, (rank + 1) * n)) else None
+def is_even_chunk(index: torch.Tensor, n: int, rank: int) -> bool:
+    """True when ``index`` (a shard's rows of the full tensor, ``shard_spec``) is rank ``rank``'s even, in-order
+    chunk of ``n`` rows: rows ``[r n, (r + 1) n)``, what ``Shard(dim)`` means."""
+    return torch.equal(index.cpu(), torch.arange(rank * n, (rank + 1) * n))
 
 
 def _lane_placement(name: str, param: torch.Tensor, model: TransformerLM, rank: int):
@@ -243,8 +242,8 @@ def _lane_placement(name: str, param: torch.Tensor, model: TransformerLM, rank: 
         return None
     if name not in model.shard_spec:
         return Replicate()
-    dim = _even_shard_dim(name, param, model.shard_spec, rank)
-    return Shard(dim) if dim is not None else None
+    dim, index = model.shard_spec[name]
+    return Shard(dim) if is_even_chunk(index, param.shape[dim], rank) else None
 
 
 def as_lane_dtensors_(model: TransformerLM, comm) -> None:
@@ -258,24 +257,24 @@ def as_lane_dtensors_(model: TransformerLM, comm) -> None:
         if placement is not None:
             shard = DTensor.from_local(param.detach(), comm.mesh, [placement], run_check=False)
             made[id(param)] = nn.Parameter(shard, requires_grad=param.requires_grad)
-    for module in model.modules():
-        for key, param in module._parameters.items():
-            if param is not None and id(param) in made:
-                module._parameters[key] = made[id(param)]
+    _swap_parameters_(model, made)
 
 
 @torch.no_grad()
 def local_parameters_(model: nn.Module) -> nn.Module:
     """Swap every DTensor parameter of ``model`` for a plain one holding its local tensor (same storage, no grad):
     what a compiled, frozen decode graph must see. The model is then for inference only. Returns it."""
-    made: dict[int, nn.Parameter] = {}
+    shards = [p for p in model.parameters() if isinstance(p, DTensor)]
+    _swap_parameters_(model, {id(p): nn.Parameter(p.to_local(), requires_grad=False) for p in shards})
+    return model
+
+
+def _swap_parameters_(model: nn.Module, made: dict[int, nn.Parameter]) -> None:
+    """Put ``made[id(p)]`` in place of every registration of parameter ``p`` (tied ones stay tied)."""
     for module in model.modules():
         for key, param in module._parameters.items():
-            if isinstance(param, DTensor):
-                if id(param) not in made:
-                    made[id(param)] = nn.Parameter(param.to_local(), requires_grad=False)
+            if param is not None and id(param) in made:
                 module._parameters[key] = made[id(param)]
-    return model
 
 
 # ---------------------------------------------------------------------------------------------- gathering

@@ -34,7 +34,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from tpblocks.parallel.placement import copy_dp_shard_, gather_full, local_slice
+from tpblocks.parallel.placement import copy_dp_shard_, gather_full, is_even_chunk, local_slice
 
 MODEL, OPTIM = "model.", "optim."
 
@@ -60,10 +60,10 @@ def _full_shape(local: torch.Tensor, dim: int, parts: int) -> torch.Size:
 
 def _as_dtensor(local: torch.Tensor, dim: int, index: torch.Tensor, mesh: DeviceMesh) -> DTensor:
     """``local`` as the lane rank's even chunk ``Shard(dim)`` of the full tensor (replicated over dp)."""
-    n, rank = local.shape[dim], mesh["lane"].get_local_rank()
+    rank = mesh["lane"].get_local_rank()
     # Every placement so far (lanes, Megatron heads/rows, vocabulary rows) cuts even chunks in rank order; a new
     # one that does not must be taught here, or its checkpoint would put rows in the wrong place.
-    assert torch.equal(index.cpu(), torch.arange(rank * n, (rank + 1) * n)), "not an even, in-order shard"
+    assert is_even_chunk(index, local.shape[dim], rank), "not an even, in-order shard"
     shape = _full_shape(local, dim, mesh["lane"].size())
     stride = torch.empty(shape, device="meta").stride()
     return DTensor.from_local(local, mesh, [Replicate(), Shard(dim)], run_check=False, shape=shape, stride=stride)
